@@ -1,0 +1,17 @@
+"""Test setup: offline switches before any hub library is imported, few threads, deterministic defaults."""
+
+import os
+
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "DIFFUSERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PL_DISABLE_FORK": "1",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
