@@ -4,6 +4,15 @@
 what is registered.
 """
 
+from visadapt.backbones import (
+    attention,  # noqa: F401  (fused-qkv attention normalisation)
+    devise,  # noqa: F401  (registers devise_effnet_minilm)
+    diffusers,  # noqa: F401  (registers diffusers_unet, tiny_unet)
+    hf,  # noqa: F401  (registers hf_text, hf_clip, hf_vit and their tiny_*)
+    open_clip,  # noqa: F401  (registers open_clip, tiny_open_clip)
+    timm,  # noqa: F401  (registers timm, tiny_vit)
+    tiny,  # noqa: F401  (index of the tiny test backbones)
+)
 from visadapt.backbones._registry import BACKBONES, register_backbone
 from visadapt.backbones.base import Backbone, DualEncoder, ImageEncoder, Preprocess, to_device
 

@@ -1,0 +1,375 @@
+"""Speed and memory of visadapt adapters on ViT-B/16 against a frozen backbone, full fine-tuning and PEFT LoRA.
+
+    python benchmarks/adapters.py                      # CPU defaults: batch 8, 224 px, 1 warmup + 2 timed rounds
+    python benchmarks/adapters.py --device cuda --steps 20 --warmup 3
+
+What is measured (timm ``vit_base_patch16_224``, random init, ``pretrained=False``; the classifier head is
+trainable in every configuration, as a classification fine-tune would have it):
+
+* training step = ``zero_grad`` + forward + cross-entropy + backward + AdamW step, median over ``--steps`` rounds.
+  Configurations run interleaved (one step of each per round) after ``--warmup`` rounds, so that drift of the
+  machine affects all of them alike;
+* memory: on every device, the bytes of activations saved for backward (unique storages, parameters excluded),
+  counted with ``torch.autograd.graph.saved_tensors_hooks`` during a warmup step; on CUDA also the step's peak
+  allocation above what was allocated before it (``torch.cuda.max_memory_allocated``);
+* inference: forward in ``torch.inference_mode`` of the plain backbone against visadapt LoRA merged into it;
+* layer level: forward + backward of one ``qkv`` Linear (768 -> 2304, batch x 197 tokens), the place where the
+  implementations differ, over ``--layer-reps`` interleaved repetitions.
+
+PEFT cannot adapt only the q and v slices of timm's fused ``qkv`` Linear, so it adapts the whole ``qkv``; visadapt
+is measured both on the whole ``qkv`` (the like-for-like comparison) and on the q, v slices.
+Writes ``benchmarks/results/adapters.json`` (or ``--out``) and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from visadapt.adapters import (
+    BlockLoRAConfig,
+    CompLoRAConfig,
+    LoRAConfig,
+    count_parameters,
+    inject,
+    is_adapter_param,
+    merge_adapters,
+)
+
+QKV = r"blocks\.\d+\.attn\.qkv"
+QV = QKV + "[q,v]"
+
+
+def build_vit(seed: int = 0) -> nn.Module:
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model("vit_base_patch16_224", pretrained=False)
+
+
+def _train_head(model: nn.Module) -> None:
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+
+
+def make_frozen() -> nn.Module:
+    model = build_vit()
+    model.requires_grad_(False)
+    _train_head(model)
+    return model
+
+
+def make_full() -> nn.Module:
+    return build_vit()
+
+
+def make_visadapt(config) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        model = build_vit()
+        inject(model, config, verbose=False)
+        _train_head(model)
+        return model
+
+    return make
+
+
+def make_peft(rank: int) -> nn.Module:
+    import peft
+
+    model = build_vit()
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=QKV)
+    model = peft.inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    _train_head(model)
+    return model
+
+
+def configurations(rank: int, with_peft: bool) -> dict[str, tuple[str, Callable[[], nn.Module]]]:
+    configs = {
+        "frozen": ("backbone frozen, head trained", make_frozen),
+        "full": ("full fine-tuning", make_full),
+        "visadapt_lora_qkv": (f"visadapt LoRA r={rank} on whole qkv", make_visadapt(LoRAConfig(QKV, r=rank, alpha=rank))),
+        "visadapt_lora_qv": (f"visadapt LoRA r={rank} on q,v slices", make_visadapt(LoRAConfig(QV, r=rank, alpha=rank))),
+        "visadapt_block_lora_qv": (
+            f"visadapt Block-LoRA r={rank} n=4 on q,v",
+            make_visadapt(BlockLoRAConfig(QV, r=rank, alpha=rank, n_blocks=4)),
+        ),
+        "visadapt_comp_lora_qv": (
+            f"visadapt Comp-LoRA r={rank} k={rank} on q,v",
+            make_visadapt(CompLoRAConfig(QV, r=rank, alpha=rank, protected=rank)),
+        ),
+    }
+    if with_peft:
+        configs["peft_lora_qkv"] = (f"PEFT LoRA r={rank} on whole qkv", lambda: make_peft(rank))
+    return configs
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def saved_activation_bytes(model: nn.Module, step: Callable[[], None]) -> int:
+    """Run ``step`` and return the bytes of the unique non-parameter storages autograd saved for backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
+
+
+def bench_training(args, device: torch.device) -> dict:
+    with_peft = _has_peft()
+    configs = configurations(args.rank, with_peft)
+    x = torch.randn(args.batch_size, 3, 224, 224, device=device)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    runs = {}
+    for key, (label, make) in configs.items():
+        t0 = time.perf_counter()
+        model = make().to(device).train()
+        trainable, total = count_parameters(model)
+        optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        runs[key] = {"label": label, "model": model, "optimiser": optimiser, "trainable": trainable, "total": total,
+                     "times": [], "cuda_peak": [], "build_s": time.perf_counter() - t0}
+        print(f"built {key:<24} trainable {trainable:>12,}  ({runs[key]['build_s']:.1f} s)", flush=True)
+
+    def step(run: dict) -> None:
+        run["optimiser"].zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(run["model"](x), y)
+        loss.backward()
+        run["optimiser"].step()
+
+    for rnd in range(args.warmup + args.steps):
+        for key, run in runs.items():
+            if rnd == 0:
+                run["activations"] = saved_activation_bytes(run["model"], lambda: step(run))
+                continue
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+            t0 = time.perf_counter()
+            step(run)
+            _sync(device)
+            elapsed = time.perf_counter() - t0
+            if rnd >= args.warmup:
+                run["times"].append(elapsed)
+                if device.type == "cuda":
+                    run["cuda_peak"].append(torch.cuda.max_memory_allocated(device) - before)
+        print(f"round {rnd + 1}/{args.warmup + args.steps} done", flush=True)
+
+    results = {}
+    for key, run in runs.items():
+        state = sum(t.numel() * t.element_size() for s in run["optimiser"].state.values() for t in s.values()
+                    if torch.is_tensor(t))
+        results[key] = {
+            "label": run["label"],
+            "trainable_params": run["trainable"],
+            "total_params": run["total"],
+            "step_s_median": statistics.median(run["times"]),
+            "step_s_all": run["times"],
+            "saved_activations_MB": run["activations"] / 2**20,
+            "optimizer_state_MB": state / 2**20,
+            "cuda_step_peak_MB": statistics.median(run["cuda_peak"]) / 2**20 if run["cuda_peak"] else None,
+        }
+    del runs
+    return results
+
+
+@torch.inference_mode()
+def bench_inference(args, device: torch.device) -> dict:
+    plain = build_vit().to(device).eval()
+    merged = build_vit()
+    inject(merged, LoRAConfig(QV, r=args.rank, alpha=args.rank), verbose=False)
+    with torch.no_grad():
+        for name, p in merged.named_parameters():
+            if is_adapter_param(name):
+                p.normal_(std=0.02)
+    merge_adapters(merged)
+    merged = merged.to(device).eval()
+    x = torch.randn(args.batch_size, 3, 224, 224, device=device)
+    times = {"plain": [], "visadapt_merged": []}
+    models = {"plain": plain, "visadapt_merged": merged}
+    for rnd in range(args.warmup + args.infer_steps):
+        for key, model in models.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            model(x)
+            _sync(device)
+            if rnd >= args.warmup:
+                times[key].append(time.perf_counter() - t0)
+    return {key: {"forward_s_median": statistics.median(v), "forward_s_all": v} for key, v in times.items()}
+
+
+def bench_layer(args, device: torch.device) -> dict:
+    """Forward + backward of one qkv Linear with each implementation (input requires grad, as mid-network)."""
+    tokens, dim = args.batch_size * 197, 768
+    torch.manual_seed(0)
+    impls: dict[str, nn.Module] = {}
+
+    def fresh() -> nn.Module:
+        torch.manual_seed(0)
+        layer = nn.Sequential()
+        layer.add_module("qkv", nn.Linear(dim, 3 * dim))
+        return layer.to(device)
+
+    impls["frozen_linear"] = fresh().requires_grad_(False)
+    for key, target in [("visadapt_lora_qkv", "qkv"), ("visadapt_lora_qv", "qkv[q,v]")]:
+        layer = fresh()
+        inject(layer, LoRAConfig(target, r=args.rank, alpha=args.rank), verbose=False)
+        impls[key] = layer
+    if _has_peft():
+        import peft
+
+        impls["peft_lora_qkv"] = peft.inject_adapter_in_model(
+            peft.LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["qkv"]), fresh()
+        )
+    x = torch.randn(tokens, dim, device=device, requires_grad=True)
+    grad = torch.randn(tokens, 3 * dim, device=device)
+    times: dict[str, list[float]] = {k: [] for k in impls}
+    for rnd in range(3 + args.layer_reps):
+        for key, layer in impls.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            layer(x).backward(grad)
+            _sync(device)
+            if rnd >= 3:
+                times[key].append(time.perf_counter() - t0)
+            x.grad = None
+            for p in layer.parameters():
+                p.grad = None
+    return {key: {"fwd_bwd_ms_median": 1e3 * statistics.median(v)} for key, v in times.items()}
+
+
+def _has_peft() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _ratio(a: float, b: float | None) -> str:
+    return f"{a / b:.3f}" if b else "-"
+
+
+def report(results: dict) -> str:
+    train, inf, layer = results["training"], results["inference"], results["layer"]
+    frozen, peft_run = train["frozen"], train.get("peft_lora_qkv")
+    lines = [
+        f"ViT-B/16, batch {results['batch_size']}, 224 px, {results['device']} "
+        f"({results['threads']} threads), median of {results['steps']} interleaved steps after {results['warmup']} "
+        "warmup",
+        "",
+        "| configuration | trainable params | step s | vs frozen | vs PEFT | saved activations MB | vs frozen |"
+        + (" CUDA step peak MB |" if frozen["cuda_step_peak_MB"] is not None else ""),
+        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if frozen["cuda_step_peak_MB"] is not None else ""),
+    ]
+    for key, run in train.items():
+        row = (
+            f"| {run['label']} | {run['trainable_params']:,} | {run['step_s_median']:.3f} | "
+            f"{_ratio(run['step_s_median'], frozen['step_s_median'])} | "
+            f"{_ratio(run['step_s_median'], peft_run['step_s_median'] if peft_run else None)} | "
+            f"{run['saved_activations_MB']:.0f} | {_ratio(run['saved_activations_MB'], frozen['saved_activations_MB'])} |"
+        )
+        if run["cuda_step_peak_MB"] is not None:
+            row += f" {run['cuda_step_peak_MB']:.0f} |"
+        lines.append(row)
+    plain = inf["plain"]["forward_s_median"]
+    lines += [
+        "",
+        "| inference (forward, batch as above) | s | vs plain |",
+        "|---|---:|---:|",
+        f"| plain backbone | {plain:.3f} | 1.000 |",
+        f"| visadapt LoRA q,v merged | {inf['visadapt_merged']['forward_s_median']:.3f} | "
+        f"{_ratio(inf['visadapt_merged']['forward_s_median'], plain)} |",
+        "",
+        f"| one qkv Linear, fwd+bwd, {results['batch_size']}x197 tokens | ms | vs PEFT | adapter overhead vs PEFT's |",
+        "|---|---:|---:|---:|",
+    ]
+    base_ms = layer["frozen_linear"]["fwd_bwd_ms_median"]
+    peft_ms = layer.get("peft_lora_qkv", {}).get("fwd_bwd_ms_median")
+    for key, value in layer.items():
+        ms = value["fwd_bwd_ms_median"]
+        overhead = _ratio(ms - base_ms, peft_ms - base_ms if peft_ms else None) if key != "frozen_linear" else "-"
+        lines.append(f"| {key} | {ms:.1f} | {_ratio(ms, peft_ms)} | {overhead} |")
+    lines += ["", "targets:"] + [f"  {'met ' if ok else 'MISSED'}  {text}" for text, ok in results["targets"]]
+    return "\n".join(lines)
+
+
+def check_targets(results: dict) -> list[tuple[str, bool]]:
+    train, inf = results["training"], results["inference"]
+    checks = []
+    if "peft_lora_qkv" in train:
+        ratio = train["visadapt_lora_qkv"]["step_s_median"] / train["peft_lora_qkv"]["step_s_median"]
+        checks.append((f"visadapt LoRA (whole qkv) step / PEFT LoRA step = {ratio:.3f} <= 1.00", ratio <= 1.0))
+        ratio = train["visadapt_lora_qv"]["step_s_median"] / train["peft_lora_qkv"]["step_s_median"]
+        checks.append((f"visadapt LoRA (q,v slices) step / PEFT LoRA step = {ratio:.3f} <= 1.00", ratio <= 1.0))
+    ratio = inf["visadapt_merged"]["forward_s_median"] / inf["plain"]["forward_s_median"]
+    checks.append((f"merged inference / plain = {ratio:.3f} <= 1.03", ratio <= 1.03))
+    block, lora = train["visadapt_block_lora_qv"]["trainable_params"], train["visadapt_lora_qv"]["trainable_params"]
+    checks.append((f"Block-LoRA trainable {block:,} < LoRA trainable {lora:,} (same r, same layers)", block < lora))
+    return checks
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=2, help="timed interleaved training rounds")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (the first also counts memory)")
+    parser.add_argument("--infer-steps", type=int, default=3, help="timed inference rounds")
+    parser.add_argument("--layer-reps", type=int, default=10, help="timed repetitions of the layer benchmark")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "adapters.json")
+    args = parser.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    results = {
+        "command": "python benchmarks/adapters.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "rank": args.rank,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    results["layer"] = bench_layer(args, device)
+    results["training"] = bench_training(args, device)
+    results["inference"] = bench_inference(args, device)
+    results["targets"] = check_targets(results)
+    results["wall_s"] = time.perf_counter() - started
+    print()
+    print(report(results))
+    print(f"\ntotal {results['wall_s']:.0f} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

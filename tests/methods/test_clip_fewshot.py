@@ -1,0 +1,146 @@
+"""ClipFewShot on the tiny random open_clip model and procedural shapes (exact labels)."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from visadapt.adapters import LoRAConfig, adapter_layers
+from visadapt.data import FewShotDataModule
+from visadapt.methods import ClipFewShot, MissingCheckpointKeysError
+from visadapt.methods.clip_fewshot import default_templates
+from visadapt.methods.glad import GladConfig
+
+
+def make_data(model, shots=4, **kw):
+    return FewShotDataModule("procedural_shapes", shots=shots, seed=1, batch_size=8, eval_batch_size=64,
+                             augment="none", dataset_kwargs={"num_per_class": 20}, preprocess=model.preprocess, **kw)
+
+
+def make_trainer(tmp_path, **kw):
+    kw.setdefault("max_epochs", 1)
+    return pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path, **kw)
+
+
+def test_templates_follow_the_dataset():
+    assert default_templates("eurosat", False) == ["a centered satellite photo of {}."]
+    assert default_templates("dtd", False) == ["{} texture."]
+    assert len(default_templates("imagenet", True)) == 7
+
+
+def test_text_features_cached_only_when_the_text_tower_is_frozen():
+    vision_only = ClipFewShot("tiny_open_clip", adapter=LoRAConfig(target="vision_attn_qkv", r=2))
+    both = ClipFewShot("tiny_open_clip", adapter=LoRAConfig(target="attn_qkv", r=2))
+    assert not vision_only.text_tower_trains()
+    assert both.text_tower_trains()
+    names = [n for n, _ in adapter_layers(vision_only.model)]
+    assert names and all(n.startswith("visual.") for n in names)
+
+
+def test_glad_passes_share_batch_and_dropout_mask(tmp_path):
+    model = ClipFewShot("tiny_open_clip", adapter=LoRAConfig(target="attn_qkv", r=2, dropout=0.5),
+                        glad=GladConfig(rho=0.05, rule="mix", alpha=0.5), eval_baselines=False)
+    masks, images = [], []
+    layer = adapter_layers(model.model)[0][1]
+    drop = layer.adapters["default"].dropout
+    drop.register_forward_hook(lambda m, i, o: masks.append((o != 0).clone()))
+    model.model.visual.register_forward_pre_hook(lambda m, a: images.append(a[0].clone()))
+    trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(model, make_data(model))
+    # pass 1 and pass 2 of the single step (the report's evaluation runs in eval mode afterwards)
+    train_masks = [m for m in masks if not m.all()]
+    assert len(train_masks) >= 2
+    assert torch.equal(train_masks[0], train_masks[1])
+    assert 0.3 < train_masks[0].float().mean() < 0.7  # dropout really active
+    assert torch.equal(images[0], images[1])
+
+
+def test_glad_step_applies_the_combined_gradient(tmp_path):
+    torch.manual_seed(0)
+    model = ClipFewShot("tiny_open_clip", adapter=LoRAConfig(target="attn_qkv", r=2),
+                        glad=GladConfig(rho=0.05, rule="mix", alpha=1.0), eval_baselines=False,
+                        optimizer=lambda p: torch.optim.SGD(p, lr=1.0), schedule="constant")
+    for _, layer in adapter_layers(model.model):  # non-zero B so that every factor gets a gradient
+        for p in layer.adapters.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    seen = {}
+
+    def capture(batch):  # record the SAM gradient: with alpha=1 the step must be exactly -lr * g_sam
+        loss = ClipFewShot.loss_on(model, batch)
+        seen.setdefault("n", 0)
+        seen["n"] += 1
+        return loss
+
+    model.loss_on = capture
+    trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    grads = {}
+    orig_step = torch.optim.SGD.step
+
+    def spy(opt, *a, **k):
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                grads[n] = p.grad.detach().clone()
+        return orig_step(opt, *a, **k)
+
+    torch.optim.SGD.step = spy
+    try:
+        trainer.fit(model, make_data(model))
+    finally:
+        torch.optim.SGD.step = orig_step
+    assert seen["n"] == 2  # two passes per step
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            # parameters were restored after the perturbation: the update is exactly -lr * combined gradient
+            assert torch.allclose(p.detach(), before[n] - grads[n], atol=1e-6), n
+
+
+def test_checkpoint_holds_only_trained_tensors_and_missing_keys_fail(tmp_path):
+    model = ClipFewShot("tiny_open_clip", adapter=LoRAConfig(target="attn_qkv", r=2), eval_baselines=False)
+    trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(model, make_data(model))
+    path = tmp_path / "a.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    keys = set(ckpt["state_dict"])
+    assert keys == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".adapters." in k for k in keys)
+    assert ckpt["visadapt"]["class"].endswith("ClipFewShot")
+    other = ClipFewShot("tiny_open_clip", adapter=LoRAConfig(target="attn_qkv", r=4), eval_baselines=False)
+    with pytest.raises(ValueError, match="shape"):
+        other.on_load_checkpoint(ckpt)
+    other = ClipFewShot("tiny_open_clip", adapter=LoRAConfig(target="vision_attn_qkv_proj", r=2),
+                        eval_baselines=False)
+    with pytest.raises(MissingCheckpointKeysError, match="lacks"):
+        other.on_load_checkpoint(ckpt)
+
+
+def test_optimizer_sees_only_trainable_parameters():
+    model = ClipFewShot("tiny_open_clip", adapter=LoRAConfig(target="attn_qkv", r=2), eval_baselines=False)
+    groups = model.param_groups()
+    params = [p for g in groups for p in g["params"]]
+    assert params and all(p.requires_grad for p in params)
+    assert len(params) == sum(p.requires_grad for p in model.parameters())
+
+
+class LossLog(pl.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_lora_learns_on_exact_labels(tmp_path):
+    torch.manual_seed(0)
+    model = ClipFewShot("tiny_open_clip", adapter=LoRAConfig(target="all_linear", r=8, alpha=8.0),
+                        optimizer=lambda p: torch.optim.AdamW(p, lr=2e-2), schedule="constant")
+    log = LossLog()
+    trainer = make_trainer(tmp_path, max_epochs=12, limit_val_batches=0, callbacks=[log])
+    trainer.fit(model, make_data(model, shots=16))
+    zs, ad = model.report["zeroshot"]["all"], model.report["adapted"]["all"]
+    # 5 shape classes (chance 20%) on held-out test images; a random tiny CLIP is near chance (25% measured),
+    # the adapted one reached 42% here: well past any run-to-run noise of this deterministic CPU run
+    assert ad >= zs + 10.0, (zs, ad)
+    first, last = sum(log.losses[:5]) / 5, sum(log.losses[-5:]) / 5
+    assert last < 0.85 * first, (first, last)  # measured 1.59 -> 1.17

@@ -1,0 +1,59 @@
+import math
+
+import pytest
+import torch
+
+from visadapt.methods.glad import GladConfig, combine, perturbation
+
+
+def flat(xs):
+    return torch.cat([x.flatten() for x in xs])
+
+
+G = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])]
+GS_AGREE = [torch.tensor([2.0, 0.0]), torch.tensor([[1.0]])]
+GS_CONFLICT = [torch.tensor([-1.0, -1.0]), torch.tensor([[-1.0]])]
+
+
+def test_mix_rule():
+    out = flat(combine(G, GS_AGREE, "mix", 0.25))
+    assert torch.allclose(out, 0.75 * flat(G) + 0.25 * flat(GS_AGREE))
+
+
+def test_project_rule_only_acts_on_conflict():
+    # agreeing gradients: g + alpha * g_sam
+    assert torch.allclose(flat(combine(G, GS_AGREE, "project", 0.0)), flat(G))
+    out = flat(combine(G, GS_CONFLICT, "project", 0.0))
+    gs = flat(GS_CONFLICT)
+    assert abs(float(out @ gs)) < 1e-6  # the conflicting component is removed
+    assert torch.allclose(out, flat(G) - (flat(G) @ gs) / (gs @ gs) * gs)
+
+
+def test_decompose_rule():
+    out = flat(combine(G, GS_AGREE, "decompose", 0.5))
+    g, gs = flat(G), flat(GS_AGREE)
+    perp = g - (g @ gs) / (gs @ gs) * gs
+    assert torch.allclose(out, gs - 0.5 * perp)
+    assert abs(float(perp @ gs)) < 1e-6
+
+
+@pytest.mark.parametrize("rule", ["mix", "project", "decompose"])
+def test_rules_are_homogeneous_so_loss_scaling_cancels(rule):
+    a = flat(combine(G, GS_CONFLICT, rule, 0.3))
+    b = flat(combine([1024 * x for x in G], [1024 * x for x in GS_CONFLICT], rule, 0.3))
+    assert torch.allclose(b, 1024 * a)
+
+
+def test_perturbation_norm_and_nonfinite_guard():
+    eps = perturbation(G, 0.05)
+    assert math.isclose(float(flat(eps).norm()), 0.05, rel_tol=1e-6)
+    assert torch.allclose(flat(perturbation([2 * x for x in G], 0.05)), flat(eps))  # direction only
+    bad = perturbation([torch.tensor([float("inf"), 1.0])], 0.05)
+    assert torch.equal(bad[0], torch.zeros(2))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="rule"):
+        GladConfig(rule="average")
+    with pytest.raises(ValueError, match="rho"):
+        GladConfig(rho=0)

@@ -1,0 +1,33 @@
+import json
+
+import pytest
+
+from visadapt.protocols.sweep import Cell, base2novel_table, harmonic_mean, write_tables
+
+
+def test_harmonic_mean():
+    assert harmonic_mean(80.0, 60.0) == pytest.approx(2 * 80 * 60 / 140)
+    assert harmonic_mean(0.0, 0.0) == 0.0
+
+
+def test_base2novel_average_is_hm_of_averages_not_mean_of_hms():
+    cells = {"a": {1: (90.0, 30.0), 2: (80.0, 40.0)},  # seed-averaged: B=85, N=35
+             "b": {1: (50.0, 70.0), 2: (60.0, 70.0)}}  # B=55, N=70
+    t = base2novel_table(cells)
+    assert t["a"]["hm"] == pytest.approx(harmonic_mean(85.0, 35.0))
+    # per-dataset HM from seed-AVERAGED accuracies, not the mean of per-seed HMs
+    assert t["a"]["hm"] != pytest.approx((harmonic_mean(90, 30) + harmonic_mean(80, 40)) / 2)
+    assert t["average"]["base"] == pytest.approx(70.0) and t["average"]["novel"] == pytest.approx(52.5)
+    assert t["average"]["hm"] == pytest.approx(harmonic_mean(70.0, 52.5))
+    assert t["average"]["hm"] != pytest.approx((t["a"]["hm"] + t["b"]["hm"]) / 2)
+
+
+def test_fewshot_table_mean_std(tmp_path):
+    (tmp_path / "cells").mkdir()
+    cells = [Cell("ds", 4, s) for s in (1, 2)]
+    for c, acc in zip(cells, (70.0, 74.0)):
+        (tmp_path / "cells" / f"{c.name}.json").write_text(json.dumps({"report": {"adapted": {"all": acc}}}))
+    t = write_tables(tmp_path, cells, "fewshot")
+    assert t["adapted_k4"] == {"ds": pytest.approx(72.0)}
+    md = (tmp_path / "table.md").read_text()
+    assert "72.00 ± 2.83" in md

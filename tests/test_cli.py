@@ -1,0 +1,62 @@
+"""The command line: help texts, prog name, list, config errors, print_config."""
+
+import subprocess
+import sys
+
+import pytest
+
+from visadapt.cli import cli_main
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "visadapt", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_top_level_help_names_prog_and_extra_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m visadapt")
+    for word in ("fit", "validate", "test", "predict", "list", "fscil", "sweep"):
+        assert word in out
+
+
+def test_fit_help_shows_model_docstrings(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--model.help", "ClipFewShot"])
+    out = capsys.readouterr().out
+    assert "Registered dual-encoder backbone" in out  # from the Args section of ClipFewShot
+    assert "--model.init_args.glad" in out
+
+
+def test_list_datasets_and_tasks(capsys):
+    assert cli_main(["list", "datasets"]) == 0
+    out = capsys.readouterr().out
+    assert "fashion_mnist" in out and "procedural_shapes" in out and "sample_photos" in out
+    assert cli_main(["list", "tasks"]) == 0
+    assert "clip_fewshot" in capsys.readouterr().out
+    assert cli_main(["list", "nonsense"]) == 2
+
+
+def test_yaml_typo_names_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  class_path: visadapt.methods.ClipFewShot\n  init_args:\n    backbon: tiny_open_clip\n")
+    r = run("fit", "-c", str(bad))
+    assert r.returncode != 0
+    assert "backbon" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    r = run("fit", "-c", "tasks/clip_fewshot.yaml", "--data.init_args.shots=many")
+    assert r.returncode != 0
+    assert "shots" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_print_config_is_complete():
+    r = run("fit", "-c", "tasks/clip_fewshot.yaml", "--print_config")
+    assert r.returncode == 0, r.stderr
+    for key in ("seed_everything:", "trainer:", "class_path: visadapt.methods.clip_fewshot.ClipFewShot",
+                "class_path: visadapt.adapters", "n_blocks:", "class_path: visadapt.data.datamodule.FewShotDataModule",
+                "checkpoint:", "optimizer:"):
+        assert key in r.stdout, key

@@ -1,0 +1,55 @@
+"""The shared adapter-layer library: pure PyTorch (no Lightning), imports nothing else from visadapt but the registry.
+
+Quick tour::
+
+    from visadapt.adapters import LoRAConfig, inject, merge_adapters, save_adapter
+
+    report = inject(model, LoRAConfig(target=r"blocks\\.\\d+\\.attn\\.qkv[q,v]", r=16, alpha=16))
+    ...  # train: only adapter parameters require grad
+    save_adapter(model, "out/adapter", base_identity="timm:vit_base_patch16_224")
+    merge_adapters(model)  # zero-overhead inference
+
+Variants are registered in ``ADAPTERS`` (``ADAPTERS.describe()`` lists them); each lives in one file with its
+config dataclass. See ``docs/adapters.md`` for the contract, the file formats and the benchmark.
+"""
+
+from visadapt.adapters._registry import (
+    ADAPTERS,
+    INITIALISERS,
+    OPTIMISERS,
+    REGULARISERS,
+    SCHEDULES,
+    adapter_class,
+    register_adapter,
+    variant_name,
+)
+from visadapt.adapters.base import Adapter, AdapterConfig, AdapterLayer
+from visadapt.adapters.block_lora import BlockLoRA, BlockLoRAConfig
+from visadapt.adapters.comp_lora import CompLoRA, CompLoRAConfig
+from visadapt.adapters.inject import (
+    InjectionReport,
+    adapter_layers,
+    adapter_names,
+    adapter_state_dict,
+    count_parameters,
+    disable_adapters,
+    inject,
+    is_adapter_param,
+    load_adapter_state_dict,
+    merge_adapters,
+    set_active_adapter,
+    set_adapters_enabled,
+    unmerge_adapters,
+)
+from visadapt.adapters.io import export_diffusers, export_peft, import_peft, load_adapter, save_adapter
+from visadapt.adapters.lora import LoRA, LoRAConfig
+
+__all__ = [
+    "ADAPTERS", "INITIALISERS", "OPTIMISERS", "REGULARISERS", "SCHEDULES",
+    "Adapter", "AdapterConfig", "AdapterLayer", "BlockLoRA", "BlockLoRAConfig", "CompLoRA", "CompLoRAConfig",
+    "InjectionReport", "LoRA", "LoRAConfig",
+    "adapter_class", "adapter_layers", "adapter_names", "adapter_state_dict", "count_parameters", "disable_adapters",
+    "export_diffusers", "export_peft", "import_peft", "inject", "is_adapter_param", "load_adapter",
+    "load_adapter_state_dict", "merge_adapters", "register_adapter", "save_adapter", "set_active_adapter",
+    "set_adapters_enabled", "unmerge_adapters", "variant_name",
+]

@@ -1,0 +1,274 @@
+"""The adapter contract: the config base class, the per-target adapter base class, and the layer wrapper.
+
+Three pieces, read top to bottom:
+
+* :class:`AdapterConfig`: a plain dataclass with the one target rule; variants extend it with their knobs.
+* :class:`Adapter`: one adapter on one dense ``(out_features, in_features)`` block of a frozen weight (a whole
+  Linear, a 1x1 conv viewed as a matrix, or one q/k/v slice of a fused qkv Linear). A low-rank variant only
+  implements :meth:`Adapter.factors`; forward, ``delta_weight`` and export follow from it.
+* :class:`AdapterLayer`: wraps one base layer (``self.base_layer``, frozen and untouched) and holds any number
+  of named adapters under ``self.adapters`` (so every adapter parameter name contains ``.adapters.``).
+  It computes ``base(x) + sum_i w_i * delta_i(x)`` without materialising any ``delta_i`` as a matrix, merges
+  and unmerges, and can be disabled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from visadapt.adapters.targets import parse_target
+
+ADAPTER_CONTAINER = "adapters"
+"""Attribute of :class:`AdapterLayer` that holds the adapters: every adapter parameter name contains it."""
+
+DEFAULT_TARGET = r".*\.(qkv|q_proj|k_proj|v_proj|query|key|value|to_q|to_k|to_v)"
+
+
+@dataclass
+class AdapterConfig:
+    """Fields every adapter variant shares."""
+
+    target: str = DEFAULT_TARGET
+    """Regular expression matched in full against module names (``blocks\\.\\d+\\.attn\\.qkv``). A trailing
+    ``[q,v]``-style suffix on an alternative selects slices of a fused qkv Linear instead of the whole layer
+    (``.*attn\\.qkv[q,v]|.*attn\\.proj``). The default selects the attention q, k, v projections of the
+    common families (timm/open_clip fused ``qkv`` as one layer, HF, diffusers)."""
+
+    def __post_init__(self) -> None:
+        parse_target(self.target)  # raises with a message naming the target
+
+    def for_module(self, module_name: str) -> AdapterConfig:
+        """The config that applies to one module (variants with per-module patterns override this)."""
+        return self
+
+
+class Adapter(nn.Module):
+    """Base class of one adapter on one dense ``(out_features, in_features)`` block of a frozen weight.
+
+    Subclasses set ``config_class`` and implement :meth:`factors`, returning ``(A, B)`` with
+    ``delta_weight() == scale * B @ A``. They keep their trainable tensors in parameters named ``lora_*`` and
+    read-only helpers in non-persistent buffers, create them with the dtype and device of ``weight``, and store
+    the scalar ``scale`` and the input ``dropout`` module.
+    """
+
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    identity_at_init: ClassVar[bool] = True
+    """True when a freshly injected adapter leaves the model's outputs unchanged."""
+    peft_native: ClassVar[bool] = False
+    """True when the parameters map one-to-one onto a PEFT LoRA with the same ``r`` and ``alpha``."""
+
+    scale: float = 1.0
+
+    def __init__(
+        self, weight: Tensor, config: AdapterConfig, *, source: Tensor | None = None, rows: tuple[int, int] | None = None
+    ) -> None:
+        """``weight`` is the frozen 2-D block to adapt; ``source`` the base layer's weight parameter it was taken
+        from and ``rows`` its output row range there (for variants that analyse or cache by the base weight)."""
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.config = config
+        self.dropout: nn.Module = nn.Identity()
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``(A, B)``, shapes ``(rank, in_features)`` and ``(out_features, rank)``, without the scale."""
+        raise NotImplementedError(f"{type(self).__name__} has no low-rank factorisation")
+
+    def delta_weight(self) -> Tensor:
+        """The full update ``scale * B @ A`` of this block, in float32 (used for merging and checks only)."""
+        a, b = self.factors()
+        return (b.float() @ a.float()) * self.scale
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, scale={self.scale:.4g}"
+
+
+class AdapterLayer(nn.Module):
+    """Wraps one base layer (``nn.Linear`` or 1x1 ``nn.Conv2d``) and holds named adapters.
+
+    Attributes not found on the wrapper are read from the base layer (``weight``, ``in_features``, ...), so code
+    that inspects the layer keeps working. Base parameters live under ``base_layer.`` and are never modified
+    except by :meth:`merge` / :meth:`unmerge`.
+    """
+
+    def __init__(self, base_layer: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = kind  # 'linear' or 'conv'
+        self.adapters = nn.ModuleDict()
+        self.slices: dict[str, dict[str, tuple[int, int]] | None] = {}
+        """Adapter name -> slice name -> output row range, or ``None`` when the adapter covers the layer."""
+        self.configs: dict[str, AdapterConfig] = {}
+        self.active: dict[str, float] = {}
+        """Adapter name -> weight of the adapters that take part in forward."""
+        self.merged: dict[str, float] = {}
+        """Adapter name -> weight of the adapters currently merged into the base weight."""
+        self.enabled = True
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "adapters"):
+                raise
+            return getattr(self.base_layer, name)
+
+    @property
+    def base_weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    def _weight2d(self) -> Tensor:
+        w = self.base_layer.weight
+        return w if self.kind == "linear" else w.view(w.shape[0], w.shape[1])
+
+    # --- building -----------------------------------------------------------------------------------------
+
+    def add_adapter(
+        self, name: str, adapter_cls: type[Adapter], config: AdapterConfig, slices: dict[str, tuple[int, int]] | None
+    ) -> None:
+        """Create adapter ``name`` of class ``adapter_cls`` on the whole layer or on the given row slices."""
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        if self.merged:
+            raise RuntimeError("cannot add an adapter to a layer with merged adapters; unmerge first")
+        w, source = self._weight2d().detach(), self.base_layer.weight
+        if slices is None:
+            self.adapters[name] = adapter_cls(w, config, source=source)
+        else:
+            self.adapters[name] = nn.ModuleDict(
+                {s: adapter_cls(w[a:b], config, source=source, rows=(a, b)) for s, (a, b) in slices.items()}
+            )
+        self.slices[name] = slices
+        self.configs[name] = config
+
+    def parts(self, name: str) -> list[tuple[Adapter, tuple[int, int] | None]]:
+        """The adapters of ``name`` with their output row range (``None``: all rows)."""
+        entry, slices = self.adapters[name], self.slices[name]
+        if slices is None:
+            return [(entry, None)]
+        return [(entry[s], bounds) for s, bounds in slices.items()]
+
+    def num_parameters(self, name: str | None = None) -> int:
+        """Adapter parameters of ``name`` (all adapters when ``None``)."""
+        names = [name] if name is not None else list(self.adapters)
+        return sum(core.num_parameters() for n in names for core, _ in self.parts(n))
+
+    # --- weights ----------------------------------------------------------------------------------------------
+
+    def delta_weight(self, name: str | None = None) -> Tensor:
+        """The update of adapter ``name`` in the base weight's shape and dtype (scale included, combination
+        weight not); with ``name=None`` the weighted sum over the active adapters."""
+        delta = self._delta2d({name: 1.0} if name is not None else self.active)
+        return delta.to(self.base_weight.dtype).view_as(self.base_weight)
+
+    def _delta2d(self, weights: dict[str, float]) -> Tensor:
+        w = self._weight2d()
+        delta = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        for name, coef in weights.items():
+            for core, rows in self.parts(name):
+                target = delta if rows is None else delta[rows[0] : rows[1]]
+                target.add_(core.delta_weight(), alpha=coef)
+        return delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the active adapters (with their weights) into the base weight; a no-op when already merged."""
+        todo = {n: c for n, c in self.active.items() if n not in self.merged}
+        if not todo:
+            return
+        w = self.base_weight
+        w.copy_((w.float() + self._delta2d(todo).view_as(w)).to(w.dtype))
+        self.merged.update(todo)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract what :meth:`merge` added; a no-op when nothing is merged.
+
+        The base weight comes back to within floating-point rounding of its value before the merge (the
+        subtraction is done in float32, so an fp32 weight is restored to a few ulp).
+        """
+        if not self.merged:
+            return
+        w = self.base_weight
+        w.copy_((w.float() - self._delta2d(self.merged).view_as(w)).to(w.dtype))
+        self.merged = {}
+
+    # --- forward ---------------------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if not self.enabled or self.merged or not self.active:
+            return out
+        if not out.is_contiguous():
+            out = out.contiguous()
+        if self.kind == "linear":
+            x2d = x.reshape(-1, x.shape[-1])
+            out2d = out.view(-1, out.shape[-1])
+            for name, coef in self.active.items():
+                self._accumulate(name, coef, x2d, out2d)
+            return out
+        # 1x1 conv: the same maps over channels; reproduce the base layer's padding and stride on the input
+        conv = self.base_layer
+        padding = (0, 0) if isinstance(conv.padding, str) else conv.padding
+        if any(padding):
+            x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+        if tuple(conv.stride) != (1, 1):
+            x = x[..., :: conv.stride[0], :: conv.stride[1]]
+        x_last = x.movedim(-3, -1)
+        x2d = x_last.reshape(-1, x_last.shape[-1])
+        delta2d = x2d.new_zeros(x2d.shape[0], out.shape[-3])
+        for name, coef in self.active.items():
+            self._accumulate(name, coef, x2d, delta2d)
+        out.add_(delta2d.view(*x_last.shape[:-1], -1).movedim(-1, -3))
+        return out
+
+    def _accumulate(self, name: str, coef: float, x2d: Tensor, out2d: Tensor) -> None:
+        """``out2d += coef * delta_name(x2d)`` with the low-rank order of operations.
+
+        All slices of one adapter share one dropout mask and one down-projection matmul (their ``A`` are stacked);
+        each up-projection is added in place into its output rows with ``addmm_`` (no full-width temporary).
+        """
+        parts = self.parts(name)
+        x2d = parts[0][0].dropout(x2d)
+        factors = [core.factors() for core, _ in parts]
+        a = factors[0][0] if len(parts) == 1 else torch.cat([f[0] for f in factors])
+        h = F.linear(x2d, a.to(x2d.dtype))
+        col = 0
+        for (core, rows), (_, b) in zip(parts, factors):
+            rank = b.shape[1]
+            h_part = h if len(parts) == 1 else h[:, col : col + rank]
+            col += rank
+            target = out2d if rows is None else out2d[:, rows[0] : rows[1]]
+            target.addmm_(h_part.to(target.dtype), b.t().to(target.dtype), alpha=core.scale * coef)
+
+    def extra_repr(self) -> str:
+        state = "merged" if self.merged else ("enabled" if self.enabled else "disabled")
+        active = ", ".join(f"{n}={c:g}" for n, c in self.active.items()) or "none"
+        return f"kind={self.kind}, active=[{active}], {state}"
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    """``alpha / r`` (Hu et al. 2021, §4.1) or ``alpha / sqrt(r)`` (rsLoRA, Kalajdzievski 2023)."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def init_down_projection(a: Tensor, init: str, rank: int) -> None:
+    """Initialise a down-projection ``(rank, in)`` in place as PEFT does.
+
+    ``kaiming``: kaiming-uniform with ``a=sqrt(5)`` (the ``nn.Linear`` default); ``gaussian``: N(0, 1/r).
+    """
+    with torch.no_grad():
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(a, std=1.0 / rank)
+        else:
+            raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")

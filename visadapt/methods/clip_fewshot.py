@@ -1,0 +1,290 @@
+"""Few-shot classification with CLIP-style dual encoders and low-rank adapters.
+
+Logits are a fixed scale times the cosine similarity between image features and the text features of one prompt
+per class (CLIP-LoRA). The adapter is any registered :class:`~visadapt.adapters.AdapterConfig` (LoRA, Block-LoRA,
+Comp-LoRA, ...); its ``target`` is a regular expression or a preset name of the backbone (``python -m visadapt list
+backbones``), so it can cover the vision tower, the text tower or both. When the text tower carries trainable
+adapters its features are recomputed at every step; otherwise they are computed once and cached.
+
+During ``fit`` the module also measures, on every test subset of the datamodule:
+
+* ``zeroshot``: the pretrained model (adapters disabled) with the template ensemble when ``eval_ensemble``;
+* ``class_mean``: a nearest-class-mean classifier on frozen image features of the K-shot training images;
+* ``adapted``: the final (last-step) adapted model — nothing is selected on test data.
+
+These numbers go to the run's report (``report.json`` / ``report.md``) and to the logger.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from tqdm.auto import tqdm
+
+from visadapt.adapters import AdapterConfig, LoRAConfig, disable_adapters, inject
+from visadapt.backbones import Backbone, DualEncoder, build_backbone, to_device
+from visadapt.methods.base import AdapterModule
+from visadapt.methods.glad import GladConfig, combine, perturbation
+from visadapt.report import write_report
+
+
+def config_to_dict(config: Any) -> dict[str, Any] | None:
+    """A dataclass config as a ``class_path`` / ``init_args`` dict (what the CLI writes), ``None`` stays."""
+    if config is None:
+        return None
+    return {"class_path": f"{type(config).__module__}.{type(config).__qualname__}", "init_args": asdict(config)}
+
+
+def default_templates(dataset: str, ensemble: bool) -> list[str]:
+    """The dataset's CoOp template (or the ensemble) when templates are known, else ``a photo of a {}.``."""
+    try:
+        from visadapt.data.templates import get_templates
+    except ImportError:
+        return ["a photo of a {}."]
+    return get_templates(dataset, ensemble=ensemble)
+
+
+class ClipFewShot(AdapterModule):
+    """CLIP-style few-shot adaptation with a low-rank adapter on either or both towers.
+
+    Args:
+        backbone: Registered dual-encoder backbone (``python -m visadapt list backbones``).
+        backbone_kwargs: Keyword arguments of the backbone builder (e.g. ``pretrained: /path/to/weights``).
+        adapter: Adapter configuration; its ``target`` may name a backbone preset. ``None`` trains nothing (only
+            the zero-shot and class-mean baselines are measured).
+        templates: Prompt templates with one ``{}``; ``None`` uses the dataset's CoOp template.
+        eval_ensemble: Average the text features of the dataset's template ensemble for zero-shot evaluation.
+        logit_scale: Temperature; ``None`` uses the backbone's own (100 for CLIP).
+        label_smoothing: Label smoothing of the cross-entropy.
+        eval_baselines: Measure zero-shot and class-mean accuracy at the start of fit.
+        glad: Train with GLAD's SAM-referenced gradient rule (two passes per step); ``None`` = plain gradient.
+        optimizer: Optimiser over trainable parameters.
+        lr_scheduler: Scheduler; ``None`` uses the built-in cosine schedule.
+        schedule: Built-in schedule (``cosine`` or ``constant``).
+        warmup_steps: Warm-up steps of the built-in schedule.
+        min_lr: Final learning rate of the cosine schedule.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "devise_effnet_minilm",
+        backbone_kwargs: dict[str, Any] | None = None,
+        adapter: AdapterConfig | None = None,
+        templates: list[str] | None = None,
+        eval_ensemble: bool = False,
+        logit_scale: float | None = None,
+        label_smoothing: float = 0.0,
+        eval_baselines: bool = True,
+        glad: GladConfig | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        schedule: str = "cosine",
+        warmup_steps: int = 0,
+        min_lr: float = 1e-6,
+    ) -> None:
+        super().__init__(optimizer, lr_scheduler, schedule, warmup_steps, min_lr)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "adapter", "glad"])
+        # configs as plain class_path/init_args dicts: checkpoints stay loadable with weights_only=True
+        self.hparams["adapter"] = config_to_dict(adapter)
+        self.hparams["glad"] = None if glad is None else asdict(glad)
+        bb: Backbone = build_backbone(backbone, **(backbone_kwargs or {}))
+        if not isinstance(bb.model, DualEncoder):
+            raise TypeError(f"backbone {backbone!r} is not a dual encoder (it builds {type(bb.model).__name__})")
+        self.backbone_info = bb
+        self.model: DualEncoder = bb.model
+        self.preprocess = bb.preprocess
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.adapter_cfg = adapter
+        if adapter is not None:
+            self.injection = inject(self.model, replace(adapter, target=bb.resolve_target(adapter.target)))
+        self.templates = templates
+        self.eval_ensemble = eval_ensemble
+        self.scale = float(logit_scale if logit_scale is not None else self.model.logit_scale)
+        self.label_smoothing = label_smoothing
+        self.eval_baselines = eval_baselines
+        self.glad = glad
+        if glad is not None:
+            self.automatic_optimization = False  # two passes per step, combined by hand
+        self.report: dict[str, Any] = {"backbone": bb.identity}
+        self._text_cache: dict[tuple, torch.Tensor] = {}
+        self._text_adapted: bool | None = None
+
+    # -- text side ------------------------------------------------------------------------------------------------
+    @property
+    def datamodule(self):
+        return self.trainer.datamodule
+
+    def _templates(self, ensemble: bool) -> list[str]:
+        if self.templates:
+            return list(self.templates)
+        return default_templates(self.datamodule.dataset, ensemble)
+
+    def text_features(self, classnames: list[str], ensemble: bool = False) -> torch.Tensor:
+        """L2-normalised class embeddings ``(C, D)``; averaged over templates, then renormalised."""
+        templates = self._templates(ensemble)
+        key = (tuple(classnames), tuple(templates))
+        if key in self._text_cache:
+            return self._text_cache[key]
+        names = [c.replace("_", " ") for c in classnames]
+        prompts = [t.format(c) for c in names for t in templates]
+        tokens = to_device(self.model.tokenize(prompts), self.device)
+        feats = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        feats = F.normalize(feats.view(len(names), len(templates), -1).mean(1), dim=-1)
+        if not self.text_tower_trains():  # nothing trainable in the text tower: compute once
+            self._text_cache[key] = feats.detach()
+        return feats
+
+    def text_tower_trains(self) -> bool:
+        """Whether a trainable parameter reaches the text features (probed once with a one-word prompt)."""
+        if self._text_adapted is None:
+            # forked RNG: the probe must not shift the dropout masks of the passes that follow (GLAD)
+            with torch.enable_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                probe = self.model.encode_text(to_device(self.model.tokenize(["a"]), self.device))
+            self._text_adapted = bool(probe.requires_grad)
+        return self._text_adapted
+
+    def logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        img = F.normalize(self.model.encode_image(images).float(), dim=-1)
+        return self.scale * img @ text.t()
+
+    # -- training -------------------------------------------------------------------------------------------------
+    def loss_on(self, batch: dict[str, Any]) -> torch.Tensor:
+        text = self.text_features(self.datamodule.subset_classnames(self.datamodule.train_classes))
+        return F.cross_entropy(self.logits(batch["image"], text), batch["label"],
+                               label_smoothing=self.label_smoothing)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.glad is not None:
+            return self.glad_step(batch)
+        loss = self.loss_on(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["label"]))
+        return loss
+
+    def glad_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """One GLAD update: plain pass, SAM pass at ``theta + rho g/|g|`` on the same batch and dropout mask."""
+        opt = self.optimizers()
+        params = [p for p in self.parameters() if p.requires_grad]
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        opt.zero_grad()
+        loss = self.loss_on(batch)
+        self.manual_backward(loss)
+        g = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        eps = perturbation(g, self.glad.rho)
+        with torch.no_grad():
+            for p, e in zip(params, eps):
+                p.add_(e)
+        opt.zero_grad()
+        torch.set_rng_state(cpu_rng)  # the second pass draws the same dropout mask
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        loss_sam = self.loss_on(batch)
+        self.manual_backward(loss_sam)
+        g_sam = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        with torch.no_grad():
+            for p, e in zip(params, eps):
+                p.sub_(e)
+            for p, d in zip(params, combine(g, g_sam, self.glad.rule, self.glad.alpha)):
+                p.grad = d
+        opt.step()
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["label"]))
+        self.log("train_loss_sam", loss_sam, batch_size=len(batch["label"]))
+        return loss.detach()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        text = self.text_features(self.datamodule.subset_classnames(self.datamodule.train_classes))
+        acc = (self.logits(batch["image"], text).argmax(-1) == batch["label"]).float().mean()
+        self.log("val_acc", acc, prog_bar=True, batch_size=len(batch["label"]), sync_dist=True)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        subset = self.datamodule.eval_subsets[dataloader_idx]
+        text = self.text_features(self.datamodule.subset_classnames(subset))
+        acc = (self.logits(batch["image"], text).argmax(-1) == batch["label"]).float().mean()
+        self.log(f"test_acc_{subset}", acc, batch_size=len(batch["label"]), add_dataloader_idx=False, sync_dist=True)
+
+    # -- whole-set evaluation used for the report -----------------------------------------------------------------
+    @torch.no_grad()
+    def image_features(self, loader, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, labels = [], []
+        # fast_dev_run is a smoke test: one batch of each evaluation is enough
+        limit = 1 if self.trainer.fast_dev_run else None
+        for i, batch in enumerate(tqdm(loader, desc=desc, leave=False, disable=not self.trainer.is_global_zero)):
+            if limit is not None and i >= limit:
+                break
+            feats.append(F.normalize(self.model.encode_image(batch["image"].to(self.device)).float(), dim=-1))
+            labels.append(batch["label"].to(self.device))
+        return torch.cat(feats), torch.cat(labels)
+
+    @torch.no_grad()
+    def evaluate(self, tag: str, ensemble: bool = False) -> dict[str, float]:
+        """Top-1 (%) of the current model on every test subset, logged as ``<tag>_acc_<subset>``."""
+        was_training = self.training
+        self.eval()
+        dm, out = self.datamodule, {}
+        for subset, loader in zip(dm.eval_subsets, dm.test_dataloader()):
+            feats, labels = self.image_features(loader, f"{tag} {subset}")
+            text = self.text_features(dm.subset_classnames(subset), ensemble=ensemble)
+            out[subset] = 100.0 * (feats @ text.t()).argmax(-1).eq(labels).float().mean().item()
+        self.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def class_mean_baseline(self) -> dict[str, float]:
+        """Nearest class mean on frozen features of the K-shot images (eval transform), scored like ``evaluate``.
+
+        Only defined on subsets whose classes were trained (``all`` when training on all classes, ``base`` when
+        training on base classes).
+        """
+        dm = self.datamodule
+        train_eval = dm.train_set.subset(range(len(dm.train_set)))
+        train_eval.transform = dm.test_sets[dm.eval_subsets[0]].transform
+        feats, labels = self.image_features(dm._loader(train_eval, train=False), "class means")
+        n = len(dm.subset_classes(dm.train_classes))
+        onehot = F.one_hot(labels, n).float()  # sums / counts: a class absent from a truncated run stays 0
+        means = F.normalize((onehot.t() @ feats) / onehot.sum(0).clamp_min(1).unsqueeze(1), dim=-1)
+        out = {}
+        for subset, loader in zip(dm.eval_subsets, dm.test_dataloader()):
+            if subset != dm.train_classes:
+                continue
+            f, y = self.image_features(loader, f"class-mean {subset}")
+            out[subset] = 100.0 * (f @ means.t()).argmax(-1).eq(y).float().mean().item()
+        return out
+
+    def on_fit_start(self) -> None:
+        from visadapt.adapters import count_parameters
+
+        trainable, total = count_parameters(self.model)
+        self.report.update(trainable_params=trainable, total_params=total,
+                           adapter=None if self.adapter_cfg is None else type(self.adapter_cfg).__name__)
+        if self.eval_baselines:
+            with disable_adapters(self.model):
+                self.report["zeroshot"] = self.evaluate("zero-shot", ensemble=self.eval_ensemble)
+                self._text_cache.clear()
+                self.report["class_mean"] = self.class_mean_baseline()
+        self._fit_started = time.perf_counter()
+
+    def on_fit_end(self) -> None:
+        self.report["train_seconds"] = round(time.perf_counter() - self._fit_started, 2)
+        self._text_cache.clear()
+        self.report["adapted"] = self.evaluate("adapted")
+        for key in ("zeroshot", "class_mean", "adapted"):
+            for subset, acc in self.report.get(key, {}).items():
+                # on_fit_end cannot call self.log; loggers receive the numbers directly
+                for logger in self.trainer.loggers:
+                    logger.log_metrics({f"{key}_acc_{subset}": acc}, step=self.global_step)
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
+        if self.trainer.is_global_zero and log_dir:
+            for logger in self.trainer.loggers:
+                logger.save()
+            md = write_report(log_dir, self.report, title=f"{type(self).__name__} report")
+            print(md.read_text())
+            print(f"report written to {md}")
