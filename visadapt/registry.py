@@ -37,8 +37,8 @@ class Registry(Generic[T]):
             if key in self._items and self._items[key] is not obj:
                 warnings.warn(f"{self.kind} {key!r} is registered twice; the later one wins", stacklevel=2)
             self._items[key] = obj
-            doc = help or (getattr(obj, "__doc__", None) or "").strip().splitlines()
-            self._help[key] = doc if isinstance(doc, str) else (doc[0] if doc else "")
+            lines = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+            self._help[key] = (help or (lines[0] if lines else "")).replace("``", "")
             return obj
 
         return decorator

@@ -210,3 +210,25 @@ def test_no_lightning_and_no_other_visadapt_layers_imported():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("target", ["qkv", "qkv[q,v]", "qkv[k]"])
+def test_gradients_match_autograd_reference(target):
+    """The fused in-place up-projection has a hand-written backward: check it against finite differences."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("qkv", nn.Linear(4, 12).double())
+    inject(model, LoRAConfig(target=target, r=2), verbose=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_adapter_param(name):
+                p.normal_()
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *values):
+        for p, v in zip(params, values):
+            p.data = v
+        return model(x)
+
+    assert torch.autograd.gradcheck(lambda x, *v: model(x), (x, *params))

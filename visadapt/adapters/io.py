@@ -163,23 +163,13 @@ def load_adapter(
 
 
 def _lowrank(layer: AdapterLayer, name: str) -> tuple[Tensor, Tensor, float]:
-    """``(A, B, scale)`` over the whole layer with ``delta_weight(name) == scale * B @ A`` (2-D, detached)."""
-    parts = layer.parts(name)
+    """The layer's ``(A, B, scale)`` for adapter ``name``, detached; a clear error for non-low-rank variants."""
     try:
-        factors = [tuple(t.detach() for t in core.factors()) for core, _ in parts]
+        with torch.no_grad():
+            a, b, scale = layer.lowrank(name)
     except NotImplementedError as err:
         raise NotImplementedError(f"{err}: it cannot be exported as a LoRA") from None
-    scale = parts[0][0].scale
-    if len(parts) == 1 and parts[0][1] is None:
-        return factors[0][0], factors[0][1], scale
-    a = torch.cat([f[0] for f in factors])
-    b = torch.zeros(layer.base_weight.shape[0], a.shape[0], dtype=a.dtype, device=a.device)
-    col = 0
-    for (core, rows), (_, b_part) in zip(parts, factors):
-        rank = b_part.shape[1]
-        b[rows[0] : rows[1], col : col + rank] = b_part * (core.scale / scale)
-        col += rank
-    return a, b, scale
+    return a.detach(), b.detach(), scale
 
 
 def _as_layer_shape(layer: AdapterLayer, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:

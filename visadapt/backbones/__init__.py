@@ -8,6 +8,7 @@ from visadapt.backbones import (
     attention,  # noqa: F401  (fused-qkv attention normalisation)
     devise,  # noqa: F401  (registers devise_effnet_minilm)
     diffusers,  # noqa: F401  (registers diffusers_unet, tiny_unet)
+    effnet,  # noqa: F401  (registers effnet_lite0)
     hf,  # noqa: F401  (registers hf_text, hf_clip, hf_vit and their tiny_*)
     open_clip,  # noqa: F401  (registers open_clip, tiny_open_clip)
     timm,  # noqa: F401  (registers timm, tiny_vit)

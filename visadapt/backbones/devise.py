@@ -237,25 +237,33 @@ def _cache_key(classnames: list[str], template: str, ridge_lambda: float) -> str
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _load_or_fit_projection(model: DeViSEDualEncoder, cache_dir: Path, template: str, ridge_lambda: float,
-                            refit: bool) -> tuple[torch.Tensor, Path, bool]:
+def _load_or_fit_projection(model: DeViSEDualEncoder, classnames: list[str], cache_dir: Path, template: str,
+                            ridge_lambda: float, refit: bool) -> tuple[torch.Tensor, Path, bool]:
+    """The map's weight from the cache, or fitted and written there; also returns the file and whether it was fitted."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
-    classnames = imagenet_classnames()
-    path = cache_dir / "devise_effnet_minilm" / f"text_projection-{_cache_key(classnames, template, ridge_lambda)}" \
-                                                f".safetensors"
+    key = _cache_key(classnames, template, ridge_lambda)
+    path = cache_dir / "devise_effnet_minilm" / f"text_projection-{key}.safetensors"
+    shape = model.text_projection.weight.shape
     if path.is_file() and not refit:
-        return load_file(path)["weight"], path, False
+        try:
+            weight = load_file(path)["weight"]
+            if weight.shape == shape:
+                return weight, path, False
+            log.warning("cached DeViSE map %s has shape %s, expected %s; fitting it again", path,
+                        tuple(weight.shape), tuple(shape))
+        except (OSError, KeyError, SafetensorError) as e:  # a truncated or foreign file: refit, it is only a cache
+            log.warning("cannot read cached DeViSE map %s (%s); fitting it again", path, e)
     start = time.perf_counter()
     weight = fit_text_projection(model, classnames, template, ridge_lambda)
-    log.info("fitted the DeViSE text->image map on %d ImageNet prompts in %.1f s", len(classnames),
-             time.perf_counter() - start)
+    log.info("fitted the DeViSE text->image map on %d prompts in %.1f s", len(classnames), time.perf_counter() - start)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"weight": weight}, tmp, metadata={"identity": IDENTITY, "template": template,
-                                                 "ridge_lambda": repr(float(ridge_lambda)),
-                                                 "num_classes": str(len(classnames))})
-    os.replace(tmp, path)
+    save_file({"weight": weight.contiguous()}, tmp, metadata={
+        "identity": IDENTITY, "template": template, "ridge_lambda": repr(float(ridge_lambda)),
+        "num_classes": str(len(classnames))})
+    os.replace(tmp, path)  # atomic: a concurrent build never reads half a file
     return weight, path, True
 
 
@@ -281,8 +289,9 @@ def devise_effnet_minilm(cache_dir: str | None = None, ridge_lambda: float = RID
     tokenizer, text = load_minilm()
     projection = nn.Linear(text.config.hidden_size, EfficientNetLite0Encoder.feature_dim, bias=False)
     model = DeViSEDualEncoder(EfficientNetLite0Encoder(load_efficientnet_lite0()), text, tokenizer, projection)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    weight, path, fitted = _load_or_fit_projection(model, root, template, ridge_lambda, refit)
+    classnames = imagenet_classnames()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    weight, path, fitted = _load_or_fit_projection(model, classnames, root, template, ridge_lambda, refit)
     with torch.no_grad():
         projection.weight.copy_(weight)
 
@@ -295,7 +304,7 @@ def devise_effnet_minilm(cache_dir: str | None = None, ridge_lambda: float = RID
         identity=identity,
         target_presets=dict(TARGET_PRESETS),
         preprocess=Preprocess(image_size=224, mean=EFFNET_LITE_MEAN, std=EFFNET_LITE_STD, interpolation="bicubic"),
-        extra={"imagenet_classnames": imagenet_classnames(), "projection_cache": str(path),
+        extra={"imagenet_classnames": classnames, "projection_cache": str(path),
                "projection_fitted": fitted},
     )
 
@@ -306,7 +315,8 @@ def devise_effnet_minilm(cache_dir: str | None = None, ridge_lambda: float = RID
 @torch.no_grad()
 def image_features(model: DeViSEDualEncoder, dataset: Any, indices: list[int], batch_size: int = 50) -> torch.Tensor:
     """L2-normalised image features of ``dataset[indices]`` (samples are dicts with a transformed ``image``)."""
-    feats = [model.encode_image(torch.stack([dataset[i]["image"] for i in indices[s:s + batch_size]]))
+    feats = [model.encode_image(torch.stack([dataset[i]["image"] for i in indices[s:s + batch_size]])
+                                .contiguous(memory_format=torch.channels_last))  # faster convolutions on CPU
              for s in range(0, len(indices), batch_size)]
     return F.normalize(torch.cat(feats), dim=-1)
 
@@ -346,10 +356,10 @@ def fashion_mnist_eval(backbone: Backbone | None = None, test_per_class: int = 1
     for seed in seeds:
         idx = sample_per_class(train.labels, shots, seed)
         feats, labels = image_features(model, train, idx), torch.tensor([train.labels[i] for i in idx])
-        means = F.normalize(torch.stack([feats[labels == c].mean(0) for c in range(len(FASHION_MNIST_CLASSES))]), dim=-1)
-        ncm.append((x_test @ means.T).argmax(1).eq(y_test).float().mean().item())
-    return {"zero_shot": zero_shot, "ncm": sum(ncm) / len(ncm) if ncm else None, "ncm_per_seed": ncm, "n_test": len(test_idx),
-            "shots": shots, "seconds": time.perf_counter() - start}
+        means = torch.stack([feats[labels == c].mean(0) for c in range(len(FASHION_MNIST_CLASSES))])
+        ncm.append((x_test @ F.normalize(means, dim=-1).T).argmax(1).eq(y_test).float().mean().item())
+    return {"zero_shot": zero_shot, "ncm": sum(ncm) / len(ncm) if ncm else None, "ncm_per_seed": ncm,
+            "n_test": len(test_idx), "shots": shots, "seconds": time.perf_counter() - start}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -60,7 +60,7 @@ FASHION_MNIST_CLASSNAMES: tuple[str, ...] = tuple(FASHION_MNIST_CLASSES)
 
 
 def canonical_name(dataset_name: str) -> str:
-    """The visadapt name of a dataset given either its visadapt or its CoOp spelling (``"EuroSAT"`` -> ``"eurosat"``)."""
+    """The visadapt name of a dataset from its visadapt or its CoOp spelling (``"EuroSAT"`` -> ``"eurosat"``)."""
     return COOP_NAMES.get(dataset_name, dataset_name.lower().replace("-", "_"))
 
 
@@ -86,7 +86,7 @@ def get_templates(dataset_name: str | None = None, ensemble: bool = False) -> li
 
 
 def prompt_name(classname: str) -> str:
-    """Class name as it goes into a prompt: underscores become spaces (``"american_bulldog"`` -> ``"american bulldog"``)."""
+    """Class name as it goes into a prompt: underscores become spaces (``"great_pyrenees"`` -> ``"great pyrenees"``)."""
     return classname.replace("_", " ")
 
 

@@ -283,6 +283,8 @@ class FSCILRunner:
         seen = split.seen_classes(session)
         feats, labels = [], []
         for c in range(seen):
+            if not test_by_class[c]:  # a class without test images (a partial dataset) adds nothing
+                continue
             hit = cache.get(c)
             if hit is None or hit[0] != method.encoder_version:
                 idx = test_by_class[c]
@@ -290,7 +292,7 @@ class FSCILRunner:
                 for start in range(0, len(idx), method.eval_batch_size):
                     images = torch.stack([eval_tf(test.load(i)) for i in idx[start:start + method.eval_batch_size]])
                     chunks.append(method.encode(images).cpu())
-                hit = (method.encoder_version, torch.cat(chunks) if chunks else torch.empty(0))
+                hit = (method.encoder_version, torch.cat(chunks))
                 cache[c] = hit
             feats.append(hit[1])
             labels += [c] * len(hit[1])
@@ -505,7 +507,7 @@ def build_parser():
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(prog=PROG, description=(run_fscil.__doc__ or "").split("\n\n")[0],
-                            default_meta=False, exit_on_error=True)
+                            exit_on_error=True)
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="A YAML configuration file.")
     parser.add_function_arguments(run_fscil, as_group=False)
     parser.set_defaults({"methods": ["coact", "frozen_class_mean", "naive_lora_finetune"]})
