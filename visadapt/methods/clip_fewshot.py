@@ -10,6 +10,7 @@ During ``fit`` the module also measures, on every test subset of the datamodule:
 
 * ``zeroshot``: the pretrained model (adapters disabled) with the template ensemble when ``eval_ensemble``;
 * ``class_mean``: a nearest-class-mean classifier on frozen image features of the K-shot training images;
+* ``linear_probe``: logistic regression on the same features (``C`` chosen on the few-shot validation split);
 * ``adapted``: the final (last-step) adapted model — nothing is selected on test data.
 
 These numbers go to the run's report (``report.json`` / ``report.md``) and to the logger.
@@ -31,6 +32,10 @@ from visadapt.backbones import Backbone, DualEncoder, build_backbone, to_device
 from visadapt.methods.base import AdapterModule
 from visadapt.methods.glad import GladConfig, combine, perturbation
 from visadapt.report import write_report
+
+
+def _top1(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * scores.argmax(-1).eq(labels).float().mean().item()
 
 
 def config_to_dict(config: Any) -> dict[str, Any] | None:
@@ -233,31 +238,56 @@ class ClipFewShot(AdapterModule):
         for subset, loader in zip(dm.eval_subsets, dm.test_dataloader()):
             feats, labels = self.image_features(loader, f"{tag} {subset}")
             text = self.text_features(dm.subset_classnames(subset), ensemble=ensemble)
-            out[subset] = 100.0 * (feats @ text.t()).argmax(-1).eq(labels).float().mean().item()
+            out[subset] = _top1(feats @ text.t(), labels)
         self.train(was_training)
         return out
 
-    @torch.no_grad()
-    def class_mean_baseline(self) -> dict[str, float]:
-        """Nearest class mean on frozen features of the K-shot images (eval transform), scored like ``evaluate``.
+    def _eval_copy(self, ds):
+        view = ds.subset(range(len(ds)))
+        view.transform = self.datamodule.test_sets[self.datamodule.eval_subsets[0]].transform
+        return view
 
-        Only defined on subsets whose classes were trained (``all`` when training on all classes, ``base`` when
-        training on base classes).
+    @torch.no_grad()
+    def frozen_baselines(self) -> dict[str, dict[str, float]]:
+        """Baselines on the frozen model (adapters disabled), sharing one pass of test features per subset.
+
+        * ``zeroshot``: text classifier from the prompts (template ensemble when ``eval_ensemble``);
+        * ``class_mean``: nearest normalised class mean of the K-shot image features (eval transform);
+        * ``linear_probe``: multinomial logistic regression on the K-shot features, its inverse regularisation
+          ``C`` picked on the few-shot validation split from {0.1, 1, 10, 100} (never on test).
+
+        The two feature baselines exist only on the subset whose classes were trained (``all``, or ``base`` in
+        base-to-novel).
         """
-        dm = self.datamodule
-        train_eval = dm.train_set.subset(range(len(dm.train_set)))
-        train_eval.transform = dm.test_sets[dm.eval_subsets[0]].transform
-        feats, labels = self.image_features(dm._loader(train_eval, train=False), "class means")
-        n = len(dm.subset_classes(dm.train_classes))
-        onehot = F.one_hot(labels, n).float()  # sums / counts: a class absent from a truncated run stays 0
-        means = F.normalize((onehot.t() @ feats) / onehot.sum(0).clamp_min(1).unsqueeze(1), dim=-1)
-        out = {}
-        for subset, loader in zip(dm.eval_subsets, dm.test_dataloader()):
-            if subset != dm.train_classes:
-                continue
-            f, y = self.image_features(loader, f"class-mean {subset}")
-            out[subset] = 100.0 * (f @ means.t()).argmax(-1).eq(y).float().mean().item()
-        return out
+        from sklearn.linear_model import LogisticRegression
+
+        dm, out = self.datamodule, {"zeroshot": {}, "class_mean": {}, "linear_probe": {}}
+        was_training = self.training
+        self.eval()
+        with disable_adapters(self.model):
+            tr_f, tr_y = self.image_features(dm._loader(self._eval_copy(dm.train_set), train=False), "K-shot features")
+            va_f, va_y = self.image_features(dm._loader(self._eval_copy(dm.val_set), train=False), "val features")
+            n = len(dm.subset_classes(dm.train_classes))
+            onehot = F.one_hot(tr_y, n).float()  # sums / counts: a class absent from a truncated run stays 0
+            means = F.normalize((onehot.t() @ tr_f) / onehot.sum(0).clamp_min(1).unsqueeze(1), dim=-1)
+            probe = None
+            if len(set(tr_y.tolist())) > 1:
+                x, y, xv, yv = tr_f.cpu().numpy(), tr_y.cpu().numpy(), va_f.cpu().numpy(), va_y.cpu().numpy()
+                fits = [LogisticRegression(C=c, max_iter=2000).fit(x, y) for c in (0.1, 1.0, 10.0, 100.0)]
+                probe = max(fits, key=lambda m: (m.score(xv, yv), -m.C))  # ties: the stronger regulariser
+                self.report["linear_probe_C"] = probe.C
+            for subset, loader in zip(dm.eval_subsets, dm.test_dataloader()):
+                f, y = self.image_features(loader, f"frozen {subset}")
+                text = self.text_features(dm.subset_classnames(subset), ensemble=self.eval_ensemble)
+                out["zeroshot"][subset] = _top1(f @ text.t(), y)
+                if subset == dm.train_classes:
+                    out["class_mean"][subset] = _top1(f @ means.t(), y)
+                    if probe is not None:
+                        pred = torch.as_tensor(probe.predict(f.cpu().numpy()), device=y.device)
+                        out["linear_probe"][subset] = 100.0 * pred.eq(y).float().mean().item()
+        self._text_cache.clear()  # text features of the disabled model must not serve the adapted one
+        self.train(was_training)
+        return {k: v for k, v in out.items() if v}
 
     def on_fit_start(self) -> None:
         from visadapt.adapters import count_parameters
@@ -266,17 +296,14 @@ class ClipFewShot(AdapterModule):
         self.report.update(trainable_params=trainable, total_params=total,
                            adapter=None if self.adapter_cfg is None else type(self.adapter_cfg).__name__)
         if self.eval_baselines:
-            with disable_adapters(self.model):
-                self.report["zeroshot"] = self.evaluate("zero-shot", ensemble=self.eval_ensemble)
-                self._text_cache.clear()
-                self.report["class_mean"] = self.class_mean_baseline()
+            self.report.update(self.frozen_baselines())
         self._fit_started = time.perf_counter()
 
     def on_fit_end(self) -> None:
         self.report["train_seconds"] = round(time.perf_counter() - self._fit_started, 2)
         self._text_cache.clear()
         self.report["adapted"] = self.evaluate("adapted")
-        for key in ("zeroshot", "class_mean", "adapted"):
+        for key in ("zeroshot", "class_mean", "linear_probe", "adapted"):
             for subset, acc in self.report.get(key, {}).items():
                 # on_fit_end cannot call self.log; loggers receive the numbers directly
                 for logger in self.trainer.loggers:
