@@ -121,4 +121,4 @@ def test_map_is_cached_and_reused(devise_bb, cache_dir, monkeypatch):
 def test_fashion_mnist_zero_shot_above_chance(devise_bb):
     result = devise.fashion_mnist_eval(devise_bb, test_per_class=20, seeds=())
     assert result["n_test"] == 200
-    assert result["zero_shot"] > 0.2  # chance is 0.1; measured 0.xx on these 200 images, 0.xx on 1,000
+    assert result["zero_shot"] > 0.25  # chance 0.1; measured 0.380 on these 200 images (0.358 on 1,000)

@@ -144,3 +144,22 @@ def test_lora_learns_on_exact_labels(tmp_path):
     assert ad >= zs + 10.0, (zs, ad)
     first, last = sum(log.losses[:5]) / 5, sum(log.losses[-5:]) / 5
     assert last < 0.85 * first, (first, last)  # measured 1.59 -> 1.17
+
+
+def test_frozen_backbone_stays_in_eval_mode_while_adapters_train():
+    model = ClipFewShot("devise_effnet_minilm", adapter=LoRAConfig(target="all", r=2, dropout=0.25),
+                        eval_baselines=False)
+    model.train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)  # pretrained running statistics are not touched
+    drops = [layer.adapters["default"].dropout for _, layer in adapter_layers(model.model)]
+    assert drops and all(d.training for d in drops)  # adapter dropout is active
+    backbone_dropout = [m for n, m in model.model.named_modules() if isinstance(m, torch.nn.Dropout)
+                        and ".adapters." not in n]
+    assert backbone_dropout and not any(m.training for m in backbone_dropout)
+    x = torch.randn(2, 3, 64, 64)
+    before = [m.running_mean.clone() for m in bns]
+    model.model.encode_image(x)
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, bns))
+    model.eval()
+    assert not any(d.training for d in drops)

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 import visadapt
+from visadapt.adapters import adapter_layers
 
 
 class MissingCheckpointKeysError(KeyError):
@@ -44,6 +45,25 @@ class AdapterModule(pl.LightningModule):
         self.schedule, self.warmup_steps, self.min_lr = schedule, warmup_steps, min_lr
         # Lightning's strict load would demand the frozen backbone; on_load_checkpoint checks what matters.
         self.strict_loading = False
+
+    def train(self, mode: bool = True) -> "AdapterModule":
+        """Train mode for what trains, eval mode for the frozen rest.
+
+        Frozen backbone layers stay in eval mode while training, so BatchNorm keeps its pretrained running
+        statistics and backbone dropout stays off (a frozen model must not drift); adapters (and their input
+        dropout) and any module with a trainable parameter of its own follow ``mode``.
+        """
+        super().train(mode)
+        if mode:
+            for module in self.modules():
+                if module is not self and not any(p.requires_grad for p in module.parameters(recurse=False)):
+                    module.eval()
+            for _, layer in adapter_layers(self):
+                layer.adapters.train(True)
+            for module in self.modules():
+                if any(p.requires_grad for p in module.parameters(recurse=False)):
+                    module.training = True  # not recursive: frozen children (BatchNorm) stay in eval mode
+        return self
 
     # -- optimisation -------------------------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
