@@ -7,8 +7,8 @@ What is measured (timm ``vit_base_patch16_224``, random init, ``pretrained=False
 trainable in every configuration, as a classification fine-tune would have it):
 
 * training step = ``zero_grad`` + forward + cross-entropy + backward + AdamW step, median over ``--steps`` rounds.
-  Configurations run interleaved (one step of each per round) after ``--warmup`` rounds, so that drift of the
-  machine affects all of them alike;
+  Configurations run interleaved (one step of each per round, the order rotated every round) after ``--warmup``
+  rounds, so that drift of the machine and the configuration run just before affect all of them alike;
 * memory: on every device, the bytes of activations saved for backward (unique storages, parameters excluded),
   counted with ``torch.autograd.graph.saved_tensors_hooks`` during a warmup step; on CUDA also the step's peak
   allocation above what was allocated before it (``torch.cuda.max_memory_allocated``);
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -98,8 +99,14 @@ def configurations(rank: int, with_peft: bool) -> dict[str, tuple[str, Callable[
     configs = {
         "frozen": ("backbone frozen, head trained", make_frozen),
         "full": ("full fine-tuning", make_full),
-        "visadapt_lora_qkv": (f"visadapt LoRA r={rank} on whole qkv", make_visadapt(LoRAConfig(QKV, r=rank, alpha=rank))),
-        "visadapt_lora_qv": (f"visadapt LoRA r={rank} on q,v slices", make_visadapt(LoRAConfig(QV, r=rank, alpha=rank))),
+        "visadapt_lora_qkv": (
+            f"visadapt LoRA r={rank} on whole qkv",
+            make_visadapt(LoRAConfig(QKV, r=rank, alpha=rank)),
+        ),
+        "visadapt_lora_qv": (
+            f"visadapt LoRA r={rank} on q,v slices",
+            make_visadapt(LoRAConfig(QV, r=rank, alpha=rank)),
+        ),
         "visadapt_block_lora_qv": (
             f"visadapt Block-LoRA r={rank} n=4 on q,v",
             make_visadapt(BlockLoRAConfig(QV, r=rank, alpha=rank, n_blocks=4)),
@@ -112,6 +119,14 @@ def configurations(rank: int, with_peft: bool) -> dict[str, tuple[str, Callable[
     if with_peft:
         configs["peft_lora_qkv"] = (f"PEFT LoRA r={rank} on whole qkv", lambda: make_peft(rank))
     return configs
+
+
+def _rotated(items: dict, shift: int) -> list:
+    """The dict's items, rotated by ``shift``: over the rounds every configuration runs in every position, so that
+    whatever a neighbour leaves behind (freed gradients, cold caches) does not always fall on the same one."""
+    pairs = list(items.items())
+    shift %= len(pairs)
+    return pairs[shift:] + pairs[:shift]
 
 
 def _sync(device: torch.device) -> None:
@@ -146,8 +161,16 @@ def bench_training(args, device: torch.device) -> dict:
         model = make().to(device).train()
         trainable, total = count_parameters(model)
         optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        runs[key] = {"label": label, "model": model, "optimiser": optimiser, "trainable": trainable, "total": total,
-                     "times": [], "cuda_peak": [], "build_s": time.perf_counter() - t0}
+        runs[key] = {
+            "label": label,
+            "model": model,
+            "optimiser": optimiser,
+            "trainable": trainable,
+            "total": total,
+            "times": [],
+            "cuda_peak": [],
+            "build_s": time.perf_counter() - t0,
+        }
         print(f"built {key:<24} trainable {trainable:>12,}  ({runs[key]['build_s']:.1f} s)", flush=True)
 
     def step(run: dict) -> None:
@@ -157,9 +180,9 @@ def bench_training(args, device: torch.device) -> dict:
         run["optimiser"].step()
 
     for rnd in range(args.warmup + args.steps):
-        for key, run in runs.items():
+        for key, run in _rotated(runs, rnd):
             if rnd == 0:
-                run["activations"] = saved_activation_bytes(run["model"], lambda: step(run))
+                run["activations"] = saved_activation_bytes(run["model"], lambda run=run: step(run))
                 continue
             _sync(device)
             if device.type == "cuda":
@@ -177,8 +200,12 @@ def bench_training(args, device: torch.device) -> dict:
 
     results = {}
     for key, run in runs.items():
-        state = sum(t.numel() * t.element_size() for s in run["optimiser"].state.values() for t in s.values()
-                    if torch.is_tensor(t))
+        state = sum(
+            t.numel() * t.element_size()
+            for s in run["optimiser"].state.values()
+            for t in s.values()
+            if torch.is_tensor(t)
+        )
         results[key] = {
             "label": run["label"],
             "trainable_params": run["trainable"],
@@ -208,7 +235,7 @@ def bench_inference(args, device: torch.device) -> dict:
     times = {"plain": [], "visadapt_merged": []}
     models = {"plain": plain, "visadapt_merged": merged}
     for rnd in range(args.warmup + args.infer_steps):
-        for key, model in models.items():
+        for key, model in _rotated(models, rnd):
             _sync(device)
             t0 = time.perf_counter()
             model(x)
@@ -245,7 +272,7 @@ def bench_layer(args, device: torch.device) -> dict:
     grad = torch.randn(tokens, 3 * dim, device=device)
     times: dict[str, list[float]] = {k: [] for k in impls}
     for rnd in range(3 + args.layer_reps):
-        for key, layer in impls.items():
+        for key, layer in _rotated(impls, rnd):
             _sync(device)
             t0 = time.perf_counter()
             layer(x).backward(grad)
@@ -256,6 +283,14 @@ def bench_layer(args, device: torch.device) -> dict:
             for p in layer.parameters():
                 p.grad = None
     return {key: {"fwd_bwd_ms_median": 1e3 * statistics.median(v)} for key, v in times.items()}
+
+
+def _load_average() -> str:
+    """The 1-minute load average at the start (other processes on the cores distort CPU timings)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "n/a"
 
 
 def _has_peft() -> bool:
@@ -274,12 +309,16 @@ def report(results: dict) -> str:
     train, inf, layer = results["training"], results["inference"], results["layer"]
     frozen, peft_run = train["frozen"], train.get("peft_lora_qkv")
     lines = [
-        f"ViT-B/16, batch {results['batch_size']}, 224 px, {results['device']} "
-        f"({results['threads']} threads), median of {results['steps']} interleaved steps after {results['warmup']} "
-        "warmup",
+        (
+            f"ViT-B/16, batch {results['batch_size']}, 224 px, {results['device']} ({results['threads']} thread(s), "
+            f"load average {results['load_average']}), median of {results['steps']} interleaved steps after "
+            f"{results['warmup']} warmup"
+        ),
         "",
-        "| configuration | trainable params | step s | vs frozen | vs PEFT | saved activations MB | vs frozen |"
-        + (" CUDA step peak MB |" if frozen["cuda_step_peak_MB"] is not None else ""),
+        (
+            "| configuration | trainable params | step s | vs frozen | vs PEFT | saved activations MB | vs frozen |"
+            + (" CUDA step peak MB |" if frozen["cuda_step_peak_MB"] is not None else "")
+        ),
         "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if frozen["cuda_step_peak_MB"] is not None else ""),
     ]
     for key, run in train.items():
@@ -298,8 +337,10 @@ def report(results: dict) -> str:
         "| inference (forward, batch as above) | s | vs plain |",
         "|---|---:|---:|",
         f"| plain backbone | {plain:.3f} | 1.000 |",
-        f"| visadapt LoRA q,v merged | {inf['visadapt_merged']['forward_s_median']:.3f} | "
-        f"{_ratio(inf['visadapt_merged']['forward_s_median'], plain)} |",
+        (
+            f"| visadapt LoRA q,v merged | {inf['visadapt_merged']['forward_s_median']:.3f} | "
+            f"{_ratio(inf['visadapt_merged']['forward_s_median'], plain)} |"
+        ),
         "",
         f"| one qkv Linear, fwd+bwd, {results['batch_size']}x197 tokens | ms | vs PEFT | adapter overhead vs PEFT's |",
         "|---|---:|---:|---:|",
@@ -351,6 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python benchmarks/adapters.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
+        "load_average": _load_average(),
         "batch_size": args.batch_size,
         "rank": args.rank,
         "steps": args.steps,

@@ -103,7 +103,13 @@ def _vit():
     import timm
 
     model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
         num_classes=5,
     )
     x = torch.randn(2, 3, 32, 32)
@@ -119,21 +125,36 @@ def _bert():
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40,
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=40,
         max_position_embeddings=32,
     )
     model = BertModel(cfg, add_pooling_layer=False)
     ids = torch.randint(0, 64, (2, 7))
-    return model, r".*attention\.self\.(query|value)|.*output\.dense", lambda m, dt=None: m(input_ids=ids).last_hidden_state
+    return (
+        model,
+        r".*attention\.self\.(query|value)|.*output\.dense",
+        lambda m, dt=None: m(input_ids=ids).last_hidden_state,
+    )
 
 
 def tiny_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
     )
 
 
@@ -149,15 +170,28 @@ def _convnet():
 
 
 def _open_clip():
-    from visadapt.backbones import build_backbone  # only when the backbone layer ships its tiny open_clip
+    """The backbone layer's tiny open_clip (attention normalised to ``qkv``/``proj`` Linears); both towers."""
+    from visadapt.backbones import build_backbone
 
-    backbone = build_backbone("tiny_open_clip")
-    images = torch.randn(2, 3, *([backbone.preprocess.image_size] * 2))
-    return backbone.model, r".*attn\.qkv[q,v]|.*attn\.proj", lambda m, dt=torch.float32: m.encode_image(images.to(dt))
+    backbone = build_backbone("tiny_open_clip", seed=0)
+    model = backbone.model
+    images = torch.randn(2, 3, backbone.preprocess.image_size, backbone.preprocess.image_size)
+    tokens = model.tokenize(["a photo of a cat", "a diagram"])
+    target = backbone.resolve_target("attn_qv") + "|" + backbone.resolve_target("attn_proj")
+
+    def run(m, dt=torch.float32):
+        return torch.cat([m.encode_image(images.to(dt)), m.encode_text(tokens)])
+
+    return model, target, run
 
 
 BUILDERS: dict[str, Callable] = {
-    "mlp": _mlp, "vit": _vit, "clip_attn": _clip_attn, "bert": _bert, "unet": _unet, "convnet": _convnet,
+    "mlp": _mlp,
+    "vit": _vit,
+    "clip_attn": _clip_attn,
+    "bert": _bert,
+    "unet": _unet,
+    "convnet": _convnet,
 }
 if importlib.util.find_spec("visadapt.backbones.open_clip") is not None:
     BUILDERS["open_clip"] = _open_clip

@@ -6,6 +6,7 @@ Adding a variant: one row in ``VARIANTS`` (``test_every_registered_variant_has_a
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -38,6 +39,8 @@ VARIANTS = {
     "comp_lora_proj_in": CompLoRAConfig(r=4, alpha=8, protected=3, side="input", parametrization="projector"),
 }
 MODELS = ["mlp", "vit", "clip_attn", "bert", "unet", "convnet"]
+if importlib.util.find_spec("visadapt.backbones.open_clip") is not None:
+    MODELS.append("open_clip")  # the real tiny open_clip from the backbone layer
 CASES = [(v, m) for v in VARIANTS for m in MODELS]
 
 
@@ -177,7 +180,9 @@ def test_weighted_combination_is_sum_of_scaled_deltas(toy, variant):
         for module_name, layer in adapter_layers(case.model):
             weight = base.get_submodule(module_name).weight
             weight += 0.7 * layer.delta_weight("a") - 1.5 * layer.delta_weight("b")
-            torch.testing.assert_close(layer.delta_weight(), 0.7 * layer.delta_weight("a") - 1.5 * layer.delta_weight("b"))
+            torch.testing.assert_close(
+                layer.delta_weight(), 0.7 * layer.delta_weight("a") - 1.5 * layer.delta_weight("b")
+            )
         _assert_close(combined, case.run(base))
 
 
@@ -232,7 +237,7 @@ def test_comp_lora_update_is_orthogonal_to_protected_directions(side, parametriz
         for core, rows in layer.parts("default"):
             assert isinstance(core, CompLoRA)
             w = weights[module_name] if rows is None else weights[module_name][rows[0] : rows[1]]
-            u, s, vh = torch.linalg.svd(w.double())
+            u, _, vh = torch.linalg.svd(w.double())
             delta = core.delta_weight().double()
             assert delta.norm() > 0
             if side in ("both", "output"):
@@ -240,7 +245,9 @@ def test_comp_lora_update_is_orthogonal_to_protected_directions(side, parametriz
             if side in ("both", "input"):
                 assert (delta @ vh[:5].T).norm() <= 1e-5 * delta.norm()
             u_k, v_k = core.protected_directions()
-            assert (u_k is not None) == (side in ("both", "output")) and (v_k is not None) == (side in ("both", "input"))
+            assert (u_k is not None) == (side in ("both", "output")) and (v_k is not None) == (
+                side in ("both", "input")
+            )
             checks += 1
     assert checks == 3
     if parametrization == "basis" and side == "both":

@@ -28,8 +28,9 @@ from visadapt.adapters import (
 def _model(width: int = 8):
     torch.manual_seed(0)
     model = nn.Module()
-    model.blocks = nn.ModuleList([nn.ModuleDict({"qkv": nn.Linear(width, 3 * width), "fc": nn.Linear(width, 5)})
-                                  for _ in range(2)])
+    model.blocks = nn.ModuleList(
+        [nn.ModuleDict({"qkv": nn.Linear(width, 3 * width), "fc": nn.Linear(width, 5)}) for _ in range(2)]
+    )
     return model
 
 

@@ -119,19 +119,34 @@ def test_diffusers_export_loads_with_load_lora_weights(toy, tmp_path):
     unet = toy("unet").model
     torch.manual_seed(0)
     vae = AutoencoderKL(
-        block_out_channels=(32,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=32,
+        block_out_channels=(32,),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+        norm_num_groups=32,
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
             max_position_embeddings=16,
         )
     ).eval()
     # No tokenizer is needed to load LoRA weights, and none ships offline: the pipeline accepts None.
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=None, unet=unet, scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=None,
+        unet=unet,
+        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     our_unet, our_text = copy.deepcopy(unet), copy.deepcopy(text_encoder)
     inject(our_unet, LoRAConfig(target=r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)", r=4, alpha=8), verbose=False)
@@ -147,3 +162,18 @@ def test_diffusers_export_loads_with_load_lora_weights(toy, tmp_path):
         assert not torch.allclose(after, before, atol=1e-4)
         _close(after, our_unet(sample, 3, context).sample)
         _close(pipe.text_encoder(ids).last_hidden_state, our_text(ids).last_hidden_state)
+
+
+def test_conv_adapters_export_to_peft_and_back(toy, tmp_path):
+    """1x1 convs (plain, strided and padded, fused-qkv slices) as PEFT Conv2d LoRA, both directions."""
+    case = toy("convnet")
+    base, again = copy.deepcopy(case.model), copy.deepcopy(case.model)
+    inject(case.model, LoRAConfig(target=case.target, r=2, alpha=3), verbose=False)
+    _randomise(case.model, ".adapters.")
+    export_peft(case.model, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path)
+    import_peft(again, tmp_path)
+    with torch.no_grad():
+        expected = case.run(case.model)
+        _close(case.run(loaded), expected)
+        _close(case.run(again), expected)

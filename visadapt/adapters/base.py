@@ -66,7 +66,12 @@ class Adapter(nn.Module):
     scale: float = 1.0
 
     def __init__(
-        self, weight: Tensor, config: AdapterConfig, *, source: Tensor | None = None, rows: tuple[int, int] | None = None
+        self,
+        weight: Tensor,
+        config: AdapterConfig,
+        *,
+        source: Tensor | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> None:
         """``weight`` is the frozen 2-D block to adapt; ``source`` the base layer's weight parameter it was taken
         from and ``rows`` its output row range there (for variants that analyse or cache by the base weight)."""
@@ -263,13 +268,14 @@ class AdapterLayer(nn.Module):
         factors = [core.factors() for core, _ in parts]
         a = factors[0][0] if len(parts) == 1 else torch.cat([f[0] for f in factors])
         h = F.linear(parts[0][0].dropout(x2d), a.to(x2d.dtype)).to(out.dtype)
-        rows, cols, ups, col = [], [], [], 0
+        rows, cols, alphas, ups, col = [], [], [], [], 0
         for (core, bounds), (_, b) in zip(parts, factors):
             rows.append(bounds or (0, out.shape[-1]))
             cols.append((col, col + b.shape[1]))
             col += b.shape[1]
-            ups.append((b * (core.scale * coef)).to(out.dtype))
-        return _AddUpProjection.apply(out, h, tuple(rows), tuple(cols), *ups)
+            alphas.append(core.scale * coef)
+            ups.append(b.to(out.dtype))
+        return _AddUpProjection.apply(out, h, tuple(rows), tuple(cols), tuple(alphas), *ups)
 
     def extra_repr(self) -> str:
         state = "merged" if self.merged else ("enabled" if self.enabled else "disabled")
@@ -278,22 +284,22 @@ class AdapterLayer(nn.Module):
 
 
 class _AddUpProjection(torch.autograd.Function):
-    """``out[..., r0:r1] += h[:, c0:c1] @ B_i^T`` for each part ``i``, in place on ``out``.
+    """``out[..., r0:r1] += alpha_i * h[:, c0:c1] @ B_i^T`` for each part ``i``, in place on ``out``.
 
     ``out`` is the base layer's freshly computed output (nothing saved it for backward), so updating it in place is
     safe; doing it inside one autograd function (``mark_dirty``) keeps autograd from recording the slice writes as
-    view updates, whose backward would copy the whole output gradient once per slice. ``B_i`` already carry the
-    scale. Backward: the output gradient passes through unchanged, plus two small GEMMs per part.
+    view updates, whose backward would copy the whole output gradient once per slice. Backward: the output
+    gradient passes through unchanged, plus two small GEMMs per part. Only ``h`` and the ``B_i`` are saved.
     """
 
     @staticmethod
-    def forward(ctx, out: Tensor, h: Tensor, rows: tuple, cols: tuple, *ups: Tensor) -> Tensor:
+    def forward(ctx, out: Tensor, h: Tensor, rows: tuple, cols: tuple, alphas: tuple, *ups: Tensor) -> Tensor:
         out2d = out.view(-1, out.shape[-1])
-        for (r0, r1), (c0, c1), b in zip(rows, cols, ups):
-            out2d[:, r0:r1].addmm_(h[:, c0:c1], b.t())
+        for (r0, r1), (c0, c1), alpha, b in zip(rows, cols, alphas, ups):
+            out2d[:, r0:r1].addmm_(h[:, c0:c1], b.t(), alpha=alpha)
         ctx.mark_dirty(out)
         ctx.save_for_backward(h, *ups)
-        ctx.rows, ctx.cols = rows, cols
+        ctx.rows, ctx.cols, ctx.alphas = rows, cols, alphas
         return out
 
     @staticmethod
@@ -301,15 +307,16 @@ class _AddUpProjection(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         h, *ups = ctx.saved_tensors
         g2d = grad.reshape(-1, grad.shape[-1])
+        parts = list(zip(ctx.rows, ctx.cols, ctx.alphas))
         grad_h = None
         if ctx.needs_input_grad[1]:
-            pieces = [g2d[:, r0:r1] @ b for (r0, r1), b in zip(ctx.rows, ups)]
+            pieces = [(g2d[:, r0:r1] @ b).mul_(alpha) for ((r0, r1), _, alpha), b in zip(parts, ups)]
             grad_h = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
         grad_ups = [
-            g2d[:, r0:r1].t() @ h[:, c0:c1] if ctx.needs_input_grad[4 + i] else None
-            for i, ((r0, r1), (c0, c1)) in enumerate(zip(ctx.rows, ctx.cols))
+            (g2d[:, r0:r1].t() @ h[:, c0:c1]).mul_(alpha) if ctx.needs_input_grad[5 + i] else None
+            for i, ((r0, r1), (c0, c1), alpha) in enumerate(parts)
         ]
-        return (grad, grad_h, None, None, *grad_ups)
+        return (grad, grad_h, None, None, None, *grad_ups)
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:

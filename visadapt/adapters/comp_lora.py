@@ -130,7 +130,12 @@ class CompLoRA(Adapter):
     config_class = CompLoRAConfig
 
     def __init__(
-        self, weight: Tensor, config: CompLoRAConfig, *, source: Tensor | None = None, rows: tuple[int, int] | None = None
+        self,
+        weight: Tensor,
+        config: CompLoRAConfig,
+        *,
+        source: Tensor | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(weight, config, source=source, rows=rows)
         k, out_f, in_f = config.protected, self.out_features, self.in_features

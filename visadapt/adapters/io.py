@@ -129,9 +129,7 @@ def load_adapter(
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path / CONFIG_FILE} is not a {FORMAT} file")
     if base_identity is not None and meta["base_identity"] != base_identity:
-        raise ValueError(
-            f"adapter in {path} was saved for base model {meta['base_identity']!r}, not {base_identity!r}"
-        )
+        raise ValueError(f"adapter in {path} was saved for base model {meta['base_identity']!r}, not {base_identity!r}")
     config = _config_from_dict(meta["variant"], meta["config"])
     existing = name in adapter_names(model)
     plan = {}
@@ -260,16 +258,23 @@ def import_peft(model: nn.Module, path_dir: str | Path, name: str = "default") -
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} has no {PEFT_CONFIG_FILE}")
     if not weights_file.is_file():
-        other = " (only the pickle-based adapter_model.bin, which visadapt does not read)" if (
-            path / "adapter_model.bin"
-        ).is_file() else ""
+        other = (
+            " (only the pickle-based adapter_model.bin, which visadapt does not read)"
+            if (path / "adapter_model.bin").is_file()
+            else ""
+        )
         raise FileNotFoundError(f"{path} has no {PEFT_WEIGHTS_FILE}{other}")
     cfg = json.loads(config_file.read_text())
     if cfg.get("peft_type") != "LORA":
         raise NotImplementedError(f"only PEFT LoRA adapters can be imported, this one is {cfg.get('peft_type')!r}")
     for key, ok in [
-        ("use_dora", False), ("fan_in_fan_out", False), ("bias", "none"), ("modules_to_save", None),
-        ("lora_bias", False), ("target_parameters", None), ("layer_replication", None),
+        ("use_dora", False),
+        ("fan_in_fan_out", False),
+        ("bias", "none"),
+        ("modules_to_save", None),
+        ("lora_bias", False),
+        ("target_parameters", None),
+        ("layer_replication", None),
     ]:
         value = cfg.get(key, ok)
         if value not in (ok, None, [], {}):
@@ -353,6 +358,14 @@ def export_diffusers(
 
 
 __all__ = [
-    "CONFIG_FILE", "DIFFUSERS_WEIGHTS_FILE", "PEFT_CONFIG_FILE", "PEFT_WEIGHTS_FILE", "WEIGHTS_FILE",
-    "export_diffusers", "export_peft", "import_peft", "load_adapter", "save_adapter",
+    "CONFIG_FILE",
+    "DIFFUSERS_WEIGHTS_FILE",
+    "PEFT_CONFIG_FILE",
+    "PEFT_WEIGHTS_FILE",
+    "WEIGHTS_FILE",
+    "export_diffusers",
+    "export_peft",
+    "import_peft",
+    "load_adapter",
+    "save_adapter",
 ]
