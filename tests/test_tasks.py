@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIT_TASKS = sorted(p for p in (ROOT / "tasks").glob("*.yaml") if "model" in yaml.safe_load(p.read_text()))
 PAPER_CLIP = sorted((ROOT / "configs" / "paper" / "clip_fewshot").glob("*.yaml"))
 TRAINER_FRAGMENTS = sorted((ROOT / "configs" / "trainer").glob("*.yaml"))
+ADAPTER_FRAGMENTS = sorted((ROOT / "configs" / "adapters").glob("*.yaml"))
 TINY_DATA = ["--data.init_args.dataset=procedural_shapes", "--data.init_args.dataset_kwargs={num_per_class: 6}",
              "--data.init_args.root=null", "--data.init_args.val_split=null", "--data.init_args.split_file=null"]
 
@@ -40,3 +41,21 @@ def test_trainer_fragments_parse(frag):
     with pytest.raises(SystemExit) as e:
         cli_main(["fit", "-c", str(ROOT / "tasks" / "clip_fewshot.yaml"), "--trainer", str(frag), "--print_config"])
     assert e.value.code == 0
+
+
+@pytest.mark.parametrize("frag", ADAPTER_FRAGMENTS, ids=lambda p: p.stem)
+def test_adapter_fragments_run_on_the_main_task(frag, tmp_path):
+    cli = cli_main(["fit", "-c", str(ROOT / "tasks" / "clip_fewshot.yaml"), "--model.init_args.adapter", str(frag),
+                    "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu", "--data.init_args.image_size=64",
+                    f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    expected = yaml.safe_load(frag.read_text())["class_path"].rsplit(".", 1)[1]
+    assert type(cli.model.adapter_cfg).__name__ == expected
+    assert cli.model.report["trainable_params"] > 0
+
+
+def test_glad_fragment_runs(tmp_path):
+    cli = cli_main(["fit", "-c", str(ROOT / "tasks" / "clip_fewshot.yaml"),
+                    "--model.init_args.glad", str(ROOT / "configs" / "methods" / "glad.yaml"),
+                    "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu", "--data.init_args.image_size=64",
+                    f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert cli.model.glad.rule == "mix" and not cli.model.automatic_optimization

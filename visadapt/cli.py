@@ -101,7 +101,7 @@ def cli_main(args: ArgsType = None) -> VisAdaptCLI | int | dict | None:
                                      "init_args": {"save_dir": "runs", "name": "default"}}},
         parser_kwargs={"prog": PROG, "description": __doc__.split("\n\n")[0], "epilog": EXTRA_COMMANDS,
                        "formatter_class": _formatter()},
-        args=argv,
+        args=None if args is None else argv,
     )
 
 

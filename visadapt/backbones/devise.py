@@ -60,6 +60,8 @@ TARGET_PRESETS = {
     "text_projection": r"text_projection",
 }
 TARGET_PRESETS["all"] = f"({TARGET_PRESETS['text_linear']})|({TARGET_PRESETS['image_conv_1x1']})"
+# the fitted map too: text features then reach the whole 1280-d image space, not only the map's 384-d range
+TARGET_PRESETS["all_with_projection"] = f"{TARGET_PRESETS['all']}|text_projection"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,19 +3,20 @@
 ``create_dataset(name, **kwargs)`` builds a registered dataset; ``python -m visadapt list datasets`` lists them.
 """
 
-from visadapt.data import fashion_mnist, photos  # noqa: F401  (registration)
+from visadapt.data import (  # noqa: F401  (each module registers its datasets)
+    cifar,
+    coop,
+    cub,
+    fashion_mnist,
+    imagefolder,
+    mini_imagenet,
+    photos,
+    sessions,
+)
 from visadapt.data._registry import DATASETS, register_dataset
 from visadapt.data.base import BadImageError, LabeledImageDataset, collate, load_image
 from visadapt.data.datamodule import FewShotDataModule
 from visadapt.data.fewshot import FewShotSplit, base_novel_classes, make_fewshot_split, sample_per_class
-
-for _optional in ("coop", "imagefolder", "sessions", "cifar", "mini_imagenet", "cub"):
-    # modules written by other work streams; each registers its datasets on import
-    try:
-        __import__(f"visadapt.data.{_optional}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"visadapt.data.{_optional}":
-            raise
 
 
 def create_dataset(name: str, **kwargs) -> LabeledImageDataset:

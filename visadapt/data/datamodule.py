@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ class FewShotDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes.
         augment: Training augmentation: ``coop``, ``light`` or ``none``.
         split_file: JSON file of the few-shot selection: read when it exists, written otherwise.
+        image_size: Override the backbone's input size (e.g. smaller for low-resolution data on CPU); ``None``
+            keeps the size the weights expect.
         preprocess: Image size and normalisation; linked from the model's backbone by the CLI.
     """
 
@@ -61,6 +64,7 @@ class FewShotDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         augment: str = "coop",
         split_file: str | None = None,
+        image_size: int | None = None,
         preprocess: Preprocess | None = None,
     ) -> None:
         super().__init__()
@@ -76,6 +80,8 @@ class FewShotDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.augment, self.split_file = augment, split_file
         self.preprocess = preprocess or Preprocess()
+        if image_size is not None:
+            self.preprocess = replace(self.preprocess, image_size=image_size)
         self.classnames: list[str] = []
         self._built = False
 

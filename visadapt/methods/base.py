@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,6 +20,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 import visadapt
 from visadapt.adapters import adapter_layers
+
+
+# AdapterModule.train() keeps the frozen backbone in eval mode on purpose; Lightning's notice about it is noise.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 class MissingCheckpointKeysError(KeyError):
