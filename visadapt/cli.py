@@ -28,7 +28,7 @@ TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 EXTRA_COMMANDS = """extra commands:
   list {adapters,datasets,backbones,tasks,all}   what is registered / shipped
   fscil -c tasks/fscil_coact.yaml                the few-shot class-incremental session protocol
-  sweep --task tasks/clip_fewshot.yaml --shots [1,4,16] --seeds [1,2]
+  sweep tasks/clip_fewshot.yaml --shots [1,4,16] --seeds [1,2]
                                                  a task over shots x seeds (x datasets) -> paper table
 """
 

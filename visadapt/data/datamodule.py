@@ -37,6 +37,8 @@ class FewShotDataModule(pl.LightningDataModule):
             images.
         test_split: Name of the dataset's test split.
         test_per_class: Cap on test images per class (a seeded subsample) to keep CPU runs short; ``None`` = all.
+        test_seed: Seed of that test subsample; fixed apart from ``seed`` so that every seed of a sweep is scored
+            on the same test images.
         batch_size: Training batch size.
         eval_batch_size: Batch size of validation and test.
         num_workers: DataLoader worker processes.
@@ -59,6 +61,7 @@ class FewShotDataModule(pl.LightningDataModule):
         val_split: str | None = None,
         test_split: str = "test",
         test_per_class: int | None = None,
+        test_seed: int = 1,
         batch_size: int = 32,
         eval_batch_size: int = 128,
         num_workers: int = 0,
@@ -77,6 +80,7 @@ class FewShotDataModule(pl.LightningDataModule):
         self.dataset, self.root, self.dataset_kwargs = dataset, root, dict(dataset_kwargs or {})
         self.shots, self.seed, self.train_classes, self.eval_subsets = shots, seed, train_classes, eval_subsets
         self.val_split, self.test_split, self.test_per_class = val_split, test_split, test_per_class
+        self.test_seed = test_seed
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.augment, self.split_file = augment, split_file
         self.preprocess = preprocess or Preprocess()
@@ -132,7 +136,7 @@ class FewShotDataModule(pl.LightningDataModule):
             keep = set(self.subset_classes(subset))
             idx = [i for i, y in enumerate(test.labels) if y in keep]
             if self.test_per_class:
-                sub = sample_per_class([test.labels[i] for i in idx], self.test_per_class, self.seed)
+                sub = sample_per_class([test.labels[i] for i in idx], self.test_per_class, self.test_seed)
                 idx = [idx[j] for j in sub]
             self.test_sets[subset] = self._relabelled(test, idx, subset)
             self.test_sets[subset].transform = eval_tf
