@@ -227,6 +227,8 @@ class ClipFewShot(AdapterModule):
                 break
             feats.append(F.normalize(self.model.encode_image(batch["image"].to(self.device)).float(), dim=-1))
             labels.append(batch["label"].to(self.device))
+        if not feats:  # an empty split (e.g. no image left for validation shots)
+            return torch.zeros(0, 0, device=self.device), torch.zeros(0, dtype=torch.long, device=self.device)
         return torch.cat(feats), torch.cat(labels)
 
     @torch.no_grad()
@@ -273,8 +275,11 @@ class ClipFewShot(AdapterModule):
             probe = None
             if len(set(tr_y.tolist())) > 1:
                 x, y, xv, yv = tr_f.cpu().numpy(), tr_y.cpu().numpy(), va_f.cpu().numpy(), va_y.cpu().numpy()
-                fits = [LogisticRegression(C=c, max_iter=2000).fit(x, y) for c in (0.1, 1.0, 10.0, 100.0)]
-                probe = max(fits, key=lambda m: (m.score(xv, yv), -m.C))  # ties: the stronger regulariser
+                if len(yv):
+                    fits = [LogisticRegression(C=c, max_iter=2000).fit(x, y) for c in (0.1, 1.0, 10.0, 100.0)]
+                    probe = max(fits, key=lambda m: (m.score(xv, yv), -m.C))  # ties: the stronger regulariser
+                else:  # no validation images to choose C on: sklearn's default
+                    probe = LogisticRegression(C=1.0, max_iter=2000).fit(x, y)
                 self.report["linear_probe_C"] = probe.C
             for subset, loader in zip(dm.eval_subsets, dm.test_dataloader()):
                 f, y = self.image_features(loader, f"frozen {subset}")
@@ -308,7 +313,8 @@ class ClipFewShot(AdapterModule):
                 # on_fit_end cannot call self.log; loggers receive the numbers directly
                 for logger in self.trainer.loggers:
                     logger.log_metrics({f"{key}_acc_{subset}": acc}, step=self.global_step)
-        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
+        # a collective under DDP: every rank must ask; fast_dev_run has no logger directory
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
         if self.trainer.is_global_zero and log_dir:
             for logger in self.trainer.loggers:
                 logger.save()
