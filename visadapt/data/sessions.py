@@ -187,6 +187,17 @@ class SessionSplit:
 # ---------------------------------------------------------------------------------------------------------------
 # The documented rule
 # ---------------------------------------------------------------------------------------------------------------
+def _test_subsample(session_classes, test_labels, test_per_class: int | None, seed: int) -> list[int] | None:
+    """``test_per_class`` seeded test images of every session class (``None``: the whole test set is used)."""
+    if test_per_class is None:
+        return None
+    if test_labels is None:
+        raise ValueError("test_per_class needs test_labels")
+    test_by_class = _by_class(test_labels)
+    return [i for cl in session_classes for c in cl for i in _draw(test_by_class.get(c, []), test_per_class,
+                                                                   [seed, 3, c])]
+
+
 def _by_class(labels: Sequence[int]) -> dict[int, list[int]]:
     out: dict[int, list[int]] = defaultdict(list)
     for i, y in enumerate(labels):
@@ -249,13 +260,7 @@ def make_session_split(dataset: str, train_labels: Sequence[int], seed: int, bas
         if len(by_class[c]) < shot:
             raise ValueError(f"class {c} of {dataset} has only {len(by_class[c])} training images, fewer than "
                              f"shot={shot}")
-    test = None
-    if test_per_class is not None:
-        if test_labels is None:
-            raise ValueError("test_per_class needs test_labels")
-        test_by_class = _by_class(test_labels)
-        test = [i for cl in session_classes for c in cl for i in _draw(test_by_class.get(c, []), test_per_class,
-                                                                       [seed, 3, c])]
+    test = _test_subsample(session_classes, test_labels, test_per_class, seed)
     return SessionSplit(dataset=dataset, seed=seed, session_classes=[list(map(int, c)) for c in session_classes],
                         train=train, test=test, way=way, shot=shot, base_shot=base_shot, source="generated",
                         meta={"class_order": class_order, "test_per_class": test_per_class})
@@ -336,13 +341,7 @@ def read_cec_index_files(index_dir: str | Path, train_set: Any, dataset: str = "
     inc = train[1:]
     way = len(session_classes[1]) if inc else 0
     shot = max((len(t) // max(len(c), 1) for t, c in zip(inc, session_classes[1:])), default=0)
-    test = None
-    if test_per_class is not None:
-        if test_labels is None:
-            raise ValueError("test_per_class needs test_labels")
-        test_by_class = _by_class(test_labels)
-        test = [i for cl in session_classes for c in cl for i in _draw(test_by_class.get(c, []), test_per_class,
-                                                                       [seed, 3, c])]
+    test = _test_subsample(session_classes, test_labels, test_per_class, seed)
     return SessionSplit(dataset=dataset, seed=seed, session_classes=session_classes, train=train, test=test,
                         way=way, shot=shot, base_shot=None, source=f"index_files:{index_dir}",
                         meta={"test_per_class": test_per_class})
