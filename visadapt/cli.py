@@ -15,7 +15,6 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 
 import visadapt.data  # noqa: F401  (dataset registration)
 import visadapt.methods  # noqa: F401  (short class_path names)
@@ -117,4 +116,4 @@ def _formatter():
     return Formatter
 
 
-__all__ = ["CSVLogger", "VisAdaptCLI", "cli_main"]
+__all__ = ["VisAdaptCLI", "cli_main"]

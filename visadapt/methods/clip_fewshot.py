@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from tqdm.auto import tqdm
 
-from visadapt.adapters import AdapterConfig, LoRAConfig, disable_adapters, inject
+from visadapt.adapters import AdapterConfig, disable_adapters, inject
 from visadapt.backbones import Backbone, DualEncoder, build_backbone, to_device
 from visadapt.methods.base import AdapterModule
 from visadapt.methods.glad import GladConfig, combine, perturbation

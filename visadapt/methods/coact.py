@@ -193,7 +193,6 @@ def build_encoder(spec: EncoderSpec) -> FeatureEncoder:
         return FeatureEncoder(net.eval(), "hf_vit", int(net.config.hidden_size), pre, HF_VIT_PRESETS,
                               spec.block_pattern or HF_VIT_BLOCKS, identity)
     if spec.source == "registry":
-        import visadapt.backbones.effnet  # noqa: F401  (registers effnet_lite0)
         from visadapt.backbones import build_backbone
 
         bb = build_backbone(spec.name, **kwargs)
