@@ -31,7 +31,8 @@ def test_paper_config_instantiates_with_tiny_overrides(cfg, tmp_path):
     cli = cli_main(["fit", "-c", str(cfg), "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu",
                     "--trainer.precision=32", "--trainer.devices=1", "--trainer.strategy=auto",
                     "--model.init_args.backbone=tiny_open_clip", "--model.init_args.backbone_kwargs={}",
-                    f"--trainer.logger.init_args.save_dir={tmp_path}", *TINY_DATA,
+                    f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
+                    *TINY_DATA,
                     # the tiny model's 64-wide layers cannot protect ViT-B's 64 directions
                     *(["--model.init_args.adapter.init_args.protected=8"] if "comp" in cfg.stem else [])])
     assert cli.model.report["adapted"]
@@ -49,7 +50,7 @@ def test_trainer_fragments_parse(frag):
 def test_adapter_fragments_run_on_the_main_task(frag, tmp_path):
     cli = cli_main(["fit", "-c", str(ROOT / "tasks" / "clip_fewshot.yaml"), "--model.init_args.adapter", str(frag),
                     "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu", "--data.init_args.image_size=64",
-                    f"--trainer.logger.init_args.save_dir={tmp_path}"])
+                    f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}"])
     expected = yaml.safe_load(frag.read_text())["class_path"].rsplit(".", 1)[1]
     assert type(cli.model.adapter_cfg).__name__ == expected
     assert cli.model.report["trainable_params"] > 0
@@ -59,7 +60,7 @@ def test_glad_fragment_runs(tmp_path):
     cli = cli_main(["fit", "-c", str(ROOT / "tasks" / "clip_fewshot.yaml"),
                     "--model.init_args.glad", str(ROOT / "configs" / "methods" / "glad.yaml"),
                     "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu", "--data.init_args.image_size=64",
-                    f"--trainer.logger.init_args.save_dir={tmp_path}"])
+                    f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}"])
     assert cli.model.glad.rule == "mix" and not cli.model.automatic_optimization
 
 
