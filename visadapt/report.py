@@ -8,9 +8,14 @@ from pathlib import Path
 from typing import Any
 
 
+def _accuracy_kinds(report: dict[str, Any]) -> list[str]:
+    """Keys of the ``{subset: accuracy}`` entries of a report (zeroshot, class_mean, adapted, ...)."""
+    return [k for k, v in report.items() if isinstance(v, dict) and v and all(isinstance(x, float) for x in v.values())]
+
+
 def _table(report: dict[str, Any]) -> list[str]:
     """Markdown rows of ``{kind: {subset: accuracy}}`` entries, one column per subset."""
-    kinds = [k for k, v in report.items() if isinstance(v, dict) and v and all(isinstance(x, float) for x in v.values())]
+    kinds = _accuracy_kinds(report)
     subsets = sorted({s for k in kinds for s in report[k]})
     if not kinds:
         return []
@@ -44,7 +49,7 @@ def _plot(log_dir: Path, report: dict[str, Any]) -> list[str]:
             fig.savefig(log_dir / "train_loss.png", dpi=100)
             plt.close(fig)
             made.append("train_loss.png")
-    kinds = [k for k, v in report.items() if isinstance(v, dict) and v and all(isinstance(x, float) for x in v.values())]
+    kinds = _accuracy_kinds(report)
     if kinds:
         subsets = sorted({s for k in kinds for s in report[k]})
         fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(kinds) * len(subsets), 3))

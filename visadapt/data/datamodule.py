@@ -126,7 +126,7 @@ class FewShotDataModule(pl.LightningDataModule):
                 split.save(self.split_file)
         self.split = split
         train_tf = build_transform(self.preprocess, train=True, augment=self.augment)
-        eval_tf = build_transform(self.preprocess, train=False)
+        eval_tf = self.eval_transform = build_transform(self.preprocess, train=False)
         self.train_set = self._relabelled(train, split.train, self.train_classes)
         self.train_set.transform = train_tf
         self.val_set = self._relabelled(val if val else train, split.val, self.train_classes)

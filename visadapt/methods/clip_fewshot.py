@@ -246,7 +246,7 @@ class ClipFewShot(AdapterModule):
 
     def _eval_copy(self, ds):
         view = ds.subset(range(len(ds)))
-        view.transform = self.datamodule.test_sets[self.datamodule.eval_subsets[0]].transform
+        view.transform = self.datamodule.eval_transform
         return view
 
     @torch.no_grad()
