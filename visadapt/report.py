@@ -21,7 +21,8 @@ def _table(report: dict[str, Any]) -> list[str]:
         return []
     rows = ["| | " + " | ".join(f"top-1 {s} (%)" for s in subsets) + " |", "|---" * (len(subsets) + 1) + "|"]
     for k in kinds:
-        rows.append(f"| {k} | " + " | ".join(f"{report[k][s]:.2f}" if s in report[k] else "–" for s in subsets) + " |")
+        cells = [f"{report[k][s]:.2f}" if s in report[k] else "–" for s in subsets]
+        rows.append(f"| {k} | " + " | ".join(cells) + " |")
     return rows
 
 

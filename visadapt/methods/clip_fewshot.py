@@ -149,7 +149,8 @@ class ClipFewShot(AdapterModule):
         """Whether a trainable parameter reaches the text features (probed once with a one-word prompt)."""
         if self._text_adapted is None:
             # forked RNG: the probe must not shift the dropout masks of the passes that follow (GLAD)
-            with torch.enable_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.enable_grad(), torch.random.fork_rng(devices=devices):
                 probe = self.model.encode_text(to_device(self.model.tokenize(["a"]), self.device))
             self._text_adapted = bool(probe.requires_grad)
         return self._text_adapted
