@@ -33,9 +33,14 @@ def test_paper_config_instantiates_with_tiny_overrides(cfg, tmp_path):
                     "--model.init_args.backbone=tiny_open_clip", "--model.init_args.backbone_kwargs={}",
                     f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
                     *TINY_DATA,
+                    # transfer targets point at real datasets: swap them for generated data of another seed
+                    *(["--data.init_args.targets={shifted: {dataset: procedural_shapes, dataset_kwargs: "
+                       "{num_per_class: 6, seed: 3}}}"] if "targets" in cfg.read_text() else []),
                     # the tiny model's 64-wide layers cannot protect ViT-B's 64 directions
                     *(["--model.init_args.adapter.init_args.protected=8"] if "comp" in cfg.stem else [])])
     assert cli.model.report["adapted"]
+    if "targets" in cfg.read_text():
+        assert "shifted" in cli.model.report["adapted"]
 
 
 @pytest.mark.parametrize("frag", [f for f in TRAINER_FRAGMENTS if f.stem not in ("ddp_cpu",)], ids=lambda p: p.stem)
@@ -81,3 +86,13 @@ def test_main_task_under_ddp_on_two_cpu_processes(tmp_path):
     assert "Initializing distributed: GLOBAL_RANK: 0, MEMBER: 1/2" in log
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
     assert "report written to" in log
+
+
+@pytest.mark.parametrize("frag", sorted((ROOT / "configs" / "protocols").glob("*.yaml")), ids=lambda p: p.stem)
+def test_protocol_fragments_run_on_the_main_task(frag, tmp_path):
+    cli = cli_main(["fit", "-c", str(ROOT / "tasks" / "clip_fewshot.yaml"), "-c", str(frag),
+                    "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu", "--data.init_args.image_size=64",
+                    f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}"])
+    targets = yaml.safe_load(frag.read_text())["data"]["init_args"]["targets"]
+    assert set(cli.model.report["adapted"]) == {"all", *targets}
+    assert set(cli.model.report["zeroshot"]) == {"all", *targets}

@@ -163,3 +163,41 @@ def test_frozen_backbone_stays_in_eval_mode_while_adapters_train():
     assert all(torch.equal(b, m.running_mean) for b, m in zip(before, bns))
     model.eval()
     assert not any(d.training for d in drops)
+
+
+def test_transfer_targets_are_scored_with_their_own_classes_and_prompts(tmp_path):
+    torch.manual_seed(0)
+    model = ClipFewShot("tiny_open_clip", adapter=LoRAConfig(target="attn_qkv", r=2))
+    prompts = []
+    tokenize = model.model.tokenize
+    model.model.tokenize = lambda texts: (prompts.extend(texts), tokenize(texts))[1]
+    shapes = {"num_per_class": 20}
+    dm = make_data(model, targets={"shifted": {"dataset": "procedural_shapes",
+                                               "dataset_kwargs": {**shapes, "seed": 9}},
+                                   "digits": {"dataset": "digits"}}, test_per_class=5)
+    trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(model, dm)
+    for kind in ("zeroshot", "adapted"):
+        assert set(model.report[kind]) == {"all", "shifted", "digits"}
+    assert set(model.report["class_mean"]) == {"all"}  # no training shots of a target: no feature baselines
+    assert 'a photo of the number: "7".' in prompts and "a photo of a circle." in prompts
+    # the adapted digits accuracy, recomputed by hand from the target's own images, classes and template
+    model.eval()
+    with torch.no_grad():
+        batch = next(iter(dm._loader(dm.test_sets["digits"], train=False)))
+        text = torch.nn.functional.normalize(model.model.encode_text(
+            model.model.tokenize([f'a photo of the number: "{i}".' for i in range(10)])).float(), dim=-1)
+        img = torch.nn.functional.normalize(model.model.encode_image(batch["image"]).float(), dim=-1)
+        acc = 100.0 * (img @ text.t()).argmax(-1).eq(batch["label"]).float().mean().item()
+    assert len(batch["label"]) == 50
+    assert model.report["adapted"]["digits"] == pytest.approx(acc, abs=1e-4)
+    # the validation accuracy the tuning harness selects on: the last model on the validation shots
+    with torch.no_grad():
+        names = dm.subset_classnames("all")
+        text = torch.nn.functional.normalize(model.model.encode_text(
+            model.model.tokenize([f"a photo of a {c}." for c in names])).float(), dim=-1)
+        batch = next(iter(dm._loader(model._eval_copy(dm.val_set), train=False)))
+        img = torch.nn.functional.normalize(model.model.encode_image(batch["image"]).float(), dim=-1)
+        val = 100.0 * (img @ text.t()).argmax(-1).eq(batch["label"]).float().mean().item()
+    assert len(batch["label"]) == len(dm.val_set) == 4 * 5
+    assert model.report["adapted_val_acc"] == pytest.approx(val, abs=1e-4)

@@ -31,3 +31,30 @@ def test_fewshot_table_mean_std(tmp_path):
     assert t["adapted_k4"] == {"ds": pytest.approx(72.0)}
     md = (tmp_path / "table.md").read_text()
     assert "72.00 ± 2.83" in md
+
+
+def test_transfer_table_averages_targets_not_source(tmp_path):
+    (tmp_path / "cells").mkdir()
+    cells = [Cell("src", 16, s) for s in (1, 2)]
+    reports = [{"zeroshot": {"all": 30.0, "shift": 20.0, "other": 10.0},
+                "adapted": {"all": 80.0, "shift": 50.0, "other": 12.0}},
+               {"zeroshot": {"all": 30.0, "shift": 20.0, "other": 10.0},
+                "adapted": {"all": 70.0, "shift": 40.0, "other": 16.0}}]
+    for c, r in zip(cells, reports):
+        (tmp_path / "cells" / f"{c.name}.json").write_text(json.dumps({"report": r}))
+    t = write_tables(tmp_path, cells, "transfer")
+    row = t["adapted_k16_src"]
+    assert row["all"] == pytest.approx(75.0) and row["shift"] == pytest.approx(45.0)
+    assert row["other"] == pytest.approx(14.0)
+    assert row["target_average"] == pytest.approx((45.0 + 14.0) / 2)  # the source column is not averaged in
+    assert t["zeroshot_k16_src"]["target_average"] == pytest.approx(15.0)
+    md = (tmp_path / "table.md").read_text()
+    assert "| adapted | 16 | src | 75.00 ± 7.07 | 45.00 ± 7.07 | 14.00 ± 2.83 | 29.50 |" in md
+
+
+def test_transfer_table_without_targets_says_how_to_add_them(tmp_path):
+    (tmp_path / "cells").mkdir()
+    cell = Cell("src", 16, 1)
+    (tmp_path / "cells" / f"{cell.name}.json").write_text(json.dumps({"report": {"adapted": {"all": 1.0}}}))
+    with pytest.raises(ValueError, match="data.init_args.targets"):
+        write_tables(tmp_path, [cell], "transfer")

@@ -7,6 +7,7 @@ from visadapt.data import (  # noqa: F401  (each module registers its datasets)
     cifar,
     coop,
     cub,
+    digits,
     fashion_mnist,
     imagefolder,
     mini_imagenet,

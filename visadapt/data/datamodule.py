@@ -16,6 +16,26 @@ from visadapt.data.fewshot import FewShotSplit, base_novel_classes, make_fewshot
 from visadapt.data.transforms import build_transform
 
 SUBSETS = ("all", "base", "novel")
+TARGET_KEYS = ("dataset", "root", "dataset_kwargs", "split")
+
+
+def _check_targets(targets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Validate ``targets`` up front so that a typo fails before any model is built."""
+    out = {}
+    for name, spec in targets.items():
+        if name in SUBSETS:
+            raise ValueError(f"target name {name!r} clashes with a class subset name {SUBSETS}; rename it")
+        if not isinstance(spec, dict) or "dataset" not in spec:
+            raise ValueError(f"target {name!r} needs a mapping with at least 'dataset', e.g. "
+                             f"{{dataset: fashion_mnist, dataset_kwargs: {{invert: false}}}}; got {spec!r}")
+        unknown = set(spec) - set(TARGET_KEYS)
+        if unknown:
+            raise ValueError(f"target {name!r}: unknown key(s) {sorted(unknown)}; allowed: {TARGET_KEYS}")
+        if spec["dataset"] not in DATASETS:
+            raise ValueError(f"target {name!r}: unknown dataset {spec['dataset']!r}; available: "
+                             f"{', '.join(DATASETS.names())}")
+        out[name] = {"root": None, "dataset_kwargs": {}, "split": "test", **spec}
+    return out
 
 
 class FewShotDataModule(pl.LightningDataModule):
@@ -33,8 +53,13 @@ class FewShotDataModule(pl.LightningDataModule):
         seed: Seed of the few-shot selection (independent of the training seed).
         train_classes: ``all``, ``base`` (first half of the sorted labels) or ``novel``.
         eval_subsets: Test sets to build, each one of ``all``, ``base``, ``novel``.
+        targets: Transfer test sets for cross-dataset and domain-generalisation evaluation, ``{name: {dataset,
+            root, dataset_kwargs, split}}`` (``split`` defaults to ``test``). Each is scored among its own classes
+            with its own prompts, after the ``eval_subsets``; ``test_per_class`` caps it too.
         val_split: Name of the dataset's validation split, or ``None`` to draw validation shots from unused training
             images.
+        val_shots: Validation images per class; ``None`` keeps CoOp's ``min(K, 4)``. A larger value gives a
+            held-out set on which to choose hyperparameters (never the test set); training shots are unchanged.
         test_split: Name of the dataset's test split.
         test_per_class: Cap on test images per class (a seeded subsample) to keep CPU runs short; ``None`` = all.
         test_seed: Seed of that test subsample; fixed apart from ``seed`` so that every seed of a sweep is scored
@@ -58,7 +83,9 @@ class FewShotDataModule(pl.LightningDataModule):
         seed: int = 1,
         train_classes: str = "all",
         eval_subsets: list[str] | None = None,
+        targets: dict[str, dict[str, Any]] | None = None,
         val_split: str | None = None,
+        val_shots: int | None = None,
         test_split: str = "test",
         test_per_class: int | None = None,
         test_seed: int = 1,
@@ -79,8 +106,9 @@ class FewShotDataModule(pl.LightningDataModule):
                 raise ValueError(f"class subset must be one of {SUBSETS}, got {s!r}")
         self.dataset, self.root, self.dataset_kwargs = dataset, root, dict(dataset_kwargs or {})
         self.shots, self.seed, self.train_classes, self.eval_subsets = shots, seed, train_classes, eval_subsets
+        self.targets = _check_targets(dict(targets or {}))
         self.val_split, self.test_split, self.test_per_class = val_split, test_split, test_per_class
-        self.test_seed = test_seed
+        self.test_seed, self.val_shots = test_seed, val_shots
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.augment, self.split_file = augment, split_file
         self.preprocess = preprocess or Preprocess()
@@ -101,6 +129,19 @@ class FewShotDataModule(pl.LightningDataModule):
         """Class names of a subset, in the order of its relabelled targets."""
         return [self.classnames[c] for c in self.subset_classes(subset)]
 
+    @property
+    def test_names(self) -> list[str]:
+        """Names of the test sets, in the order of :meth:`test_dataloader`: the class subsets, then the targets."""
+        return [*self.eval_subsets, *self.targets]
+
+    def test_classnames(self, name: str) -> list[str]:
+        """Class names of a test set, in the order of its labels."""
+        return self._target_classnames[name] if name in self.targets else self.subset_classnames(name)
+
+    def test_dataset_name(self, name: str) -> str:
+        """Registered dataset behind a test set (it picks the prompt templates)."""
+        return self.targets[name]["dataset"] if name in self.targets else self.dataset
+
     def _relabelled(self, ds: LabeledImageDataset, indices: list[int], subset: str) -> LabeledImageDataset:
         classes = self.subset_classes(subset)
         return ds.subset(indices, {c: i for i, c in enumerate(classes)}, [self.classnames[c] for c in classes])
@@ -119,9 +160,12 @@ class FewShotDataModule(pl.LightningDataModule):
                                                                              classes):
                 raise ValueError(f"{self.split_file} holds a split for dataset={split.dataset} shots={split.shots} "
                                  f"seed={split.seed}, not for this run's {self.dataset}/{self.shots}/{self.seed}")
+            if self.val_shots is not None and len(split.val) != self.val_shots * len(classes):
+                raise ValueError(f"{self.split_file} holds {len(split.val)} validation images, not val_shots="
+                                 f"{self.val_shots} per class; delete it or drop val_shots")
         else:
             split = make_fewshot_split(self.dataset, train.labels, val.labels if val else None, self.shots,
-                                       self.seed, classes)
+                                       self.seed, classes, val_shots=self.val_shots)
             if self.split_file:
                 split.save(self.split_file)
         self.split = split
@@ -140,6 +184,15 @@ class FewShotDataModule(pl.LightningDataModule):
                 idx = [idx[j] for j in sub]
             self.test_sets[subset] = self._relabelled(test, idx, subset)
             self.test_sets[subset].transform = eval_tf
+        self._target_classnames: dict[str, list[str]] = {}
+        for name, spec in self.targets.items():
+            ds = DATASETS.get(spec["dataset"])(root=spec["root"], split=spec["split"], **spec["dataset_kwargs"])
+            idx = list(range(len(ds)))
+            if self.test_per_class:
+                idx = sample_per_class(ds.labels, self.test_per_class, self.test_seed)
+            self.test_sets[name] = ds.subset(idx)
+            self.test_sets[name].transform = eval_tf
+            self._target_classnames[name] = list(ds.classnames)
         self._built = True
 
     # -- loaders ------------------------------------------------------------------------------------------------
@@ -155,7 +208,7 @@ class FewShotDataModule(pl.LightningDataModule):
         return self._loader(self.val_set, False)
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self.test_sets[s], False) for s in self.eval_subsets]
+        return [self._loader(self.test_sets[s], False) for s in self.test_names]
 
     def predict_dataloader(self) -> list[DataLoader]:
         return self.test_dataloader()

@@ -71,14 +71,18 @@ class FewShotSplit:
 
 
 def make_fewshot_split(dataset: str, train_labels: Sequence[int], val_labels: Sequence[int] | None, shots: int,
-                       seed: int, classes: Sequence[int] | None = None) -> FewShotSplit:
+                       seed: int, classes: Sequence[int] | None = None,
+                       val_shots: int | None = None) -> FewShotSplit:
     """K shots per class from train and ``min(K, 4)`` per class from val (CoOp's rule).
 
-    Without a val split, the validation shots come from the train images that were not picked.
+    Without a val split, the validation shots come from the train images that were not picked. ``val_shots``
+    replaces CoOp's ``min(K, 4)`` (e.g. a larger held-out set for choosing hyperparameters); the training shots do
+    not depend on it.
     """
     classes = sorted(set(int(y) for y in train_labels)) if classes is None else sorted(classes)
     train = sample_per_class(train_labels, shots, seed, classes)
-    val_shots = min(shots, 4) if shots > 0 else 4
+    if val_shots is None:
+        val_shots = min(shots, 4) if shots > 0 else 4
     if val_labels is not None:
         val = sample_per_class(val_labels, val_shots, seed, classes)
     else:

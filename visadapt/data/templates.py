@@ -32,6 +32,8 @@ DATASET_TEMPLATES: dict[str, str] = {
     "ucf101": "a photo of a person doing {}.",
     # not a CoOp dataset: the plain template, which gives the reference DeViSE zero-shot number (31%)
     "fashion_mnist": "a photo of a {}.",
+    # not a CoOp dataset: CLIP's MNIST prompt, for scikit-learn's digits (class names "0".."9")
+    "digits": 'a photo of the number: "{}".',
 }
 """visadapt dataset name -> CoOp's hand-written template (``CUSTOM_TEMPLATES``)."""
 

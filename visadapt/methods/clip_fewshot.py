@@ -125,14 +125,17 @@ class ClipFewShot(AdapterModule):
     def datamodule(self):
         return self.trainer.datamodule
 
-    def _templates(self, ensemble: bool) -> list[str]:
+    def _templates(self, ensemble: bool, dataset: str | None = None) -> list[str]:
         if self.templates:
             return list(self.templates)
-        return default_templates(self.datamodule.dataset, ensemble)
+        return default_templates(dataset or self.datamodule.dataset, ensemble)
 
-    def text_features(self, classnames: list[str], ensemble: bool = False) -> torch.Tensor:
-        """L2-normalised class embeddings ``(C, D)``; averaged over templates, then renormalised."""
-        templates = self._templates(ensemble)
+    def text_features(self, classnames: list[str], ensemble: bool = False, dataset: str | None = None) -> torch.Tensor:
+        """L2-normalised class embeddings ``(C, D)``; averaged over templates, then renormalised.
+
+        ``dataset`` picks the templates (default: the training dataset; transfer targets use their own).
+        """
+        templates = self._templates(ensemble, dataset)
         key = (tuple(classnames), tuple(templates))
         if key in self._text_cache:
             return self._text_cache[key]
@@ -144,6 +147,11 @@ class ClipFewShot(AdapterModule):
         if not self.text_tower_trains():  # nothing trainable in the text tower: compute once
             self._text_cache[key] = feats.detach()
         return feats
+
+    def test_text(self, name: str, ensemble: bool = False) -> torch.Tensor:
+        """Class embeddings of a test set (class subset or transfer target) with its dataset's templates."""
+        dm = self.datamodule
+        return self.text_features(dm.test_classnames(name), ensemble, dm.test_dataset_name(name))
 
     def text_tower_trains(self) -> bool:
         """Whether a trainable parameter reaches the text features (probed once with a one-word prompt)."""
@@ -212,8 +220,8 @@ class ClipFewShot(AdapterModule):
         self.log("val_acc", acc, prog_bar=True, batch_size=len(batch["label"]), sync_dist=True)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        subset = self.datamodule.eval_subsets[dataloader_idx]
-        text = self.text_features(self.datamodule.subset_classnames(subset))
+        subset = self.datamodule.test_names[dataloader_idx]
+        text = self.test_text(subset)
         acc = (self.logits(batch["image"], text).argmax(-1) == batch["label"]).float().mean()
         self.log(f"test_acc_{subset}", acc, batch_size=len(batch["label"]), add_dataloader_idx=False, sync_dist=True)
 
@@ -234,16 +242,29 @@ class ClipFewShot(AdapterModule):
 
     @torch.no_grad()
     def evaluate(self, tag: str, ensemble: bool = False) -> dict[str, float]:
-        """Top-1 (%) of the current model on every test subset, logged as ``<tag>_acc_<subset>``."""
+        """Top-1 (%) of the current model on every test set: the class subsets, then the transfer targets."""
         was_training = self.training
         self.eval()
         dm, out = self.datamodule, {}
-        for subset, loader in zip(dm.eval_subsets, dm.test_dataloader()):
+        for subset, loader in zip(dm.test_names, dm.test_dataloader()):
             feats, labels = self.image_features(loader, f"{tag} {subset}")
-            text = self.text_features(dm.subset_classnames(subset), ensemble=ensemble)
+            text = self.test_text(subset, ensemble)
             out[subset] = _top1(feats @ text.t(), labels)
         self.train(was_training)
         return out
+
+    @torch.no_grad()
+    def validation_accuracy(self) -> float | None:
+        """Top-1 (%) of the current model on the validation shots: the number to choose hyperparameters on."""
+        dm = self.datamodule
+        if len(dm.val_set) == 0:
+            return None
+        was_training = self.training
+        self.eval()
+        feats, labels = self.image_features(dm._loader(self._eval_copy(dm.val_set), train=False), "adapted val")
+        text = self.text_features(dm.subset_classnames(dm.train_classes))
+        self.train(was_training)
+        return _top1(feats @ text.t(), labels)
 
     def _eval_copy(self, ds):
         view = ds.subset(range(len(ds)))
@@ -260,7 +281,7 @@ class ClipFewShot(AdapterModule):
           ``C`` picked on the few-shot validation split from {0.1, 1, 10, 100} (never on test).
 
         The two feature baselines exist only on the subset whose classes were trained (``all``, or ``base`` in
-        base-to-novel).
+        base-to-novel); transfer targets get the zero-shot baseline only.
         """
         from sklearn.linear_model import LogisticRegression
 
@@ -282,9 +303,9 @@ class ClipFewShot(AdapterModule):
                 else:  # no validation images to choose C on: sklearn's default
                     probe = LogisticRegression(C=1.0, max_iter=2000).fit(x, y)
                 self.report["linear_probe_C"] = probe.C
-            for subset, loader in zip(dm.eval_subsets, dm.test_dataloader()):
+            for subset, loader in zip(dm.test_names, dm.test_dataloader()):
                 f, y = self.image_features(loader, f"frozen {subset}")
-                text = self.text_features(dm.subset_classnames(subset), ensemble=self.eval_ensemble)
+                text = self.test_text(subset, self.eval_ensemble)
                 out["zeroshot"][subset] = _top1(f @ text.t(), y)
                 if subset == dm.train_classes:
                     out["class_mean"][subset] = _top1(f @ means.t(), y)
@@ -309,6 +330,7 @@ class ClipFewShot(AdapterModule):
         self.report["train_seconds"] = round(time.perf_counter() - self._fit_started, 2)
         self._text_cache.clear()
         self.report["adapted"] = self.evaluate("adapted")
+        self.report["adapted_val_acc"] = self.validation_accuracy()
         for key in ("zeroshot", "class_mean", "linear_probe", "adapted"):
             for subset, acc in self.report.get(key, {}).items():
                 # on_fit_end cannot call self.log; loggers receive the numbers directly

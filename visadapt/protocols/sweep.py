@@ -8,7 +8,10 @@ and an average column over datasets:
 * ``fewshot`` protocol: adapted top-1 on all classes (plus the zero-shot and class-mean rows);
 * ``base2novel``: base and novel top-1 and their harmonic mean. HM uses the seed-averaged base and novel
   accuracies, and the average over datasets is the HM of the averaged base and novel — not the mean of per-dataset
-  HMs (the mistake KgCoOp issue #9 shows in published tables).
+  HMs (the mistake KgCoOp issue #9 shows in published tables);
+* ``transfer`` (cross-dataset and domain generalisation): train on the source as in ``fewshot`` and score the
+  transfer targets of ``data.init_args.targets``; one column per target and their average (the source column is
+  not part of the average, as in CoOp's tables).
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ def base2novel_table(cells: dict[str, dict[int, tuple[float, float]]]) -> dict[s
     return rows
 
 
+PROTOCOLS = ("fewshot", "base2novel", "transfer")
+
+
 @dataclass
 class Cell:
     dataset: str
@@ -66,7 +72,8 @@ def sweep(task: str, shots: list[int] = [1, 2, 4, 8, 16], seeds: list[int] = [1,
         shots: Shot counts K.
         seeds: Seeds; each sets both the few-shot selection and ``seed_everything``.
         datasets: Registered dataset names; ``None`` keeps the task's dataset.
-        protocol: ``fewshot`` (all classes) or ``base2novel`` (train on base, score base and novel).
+        protocol: ``fewshot`` (all classes), ``base2novel`` (train on base, score base and novel) or ``transfer``
+            (train on the source, score the task's ``data.init_args.targets``).
         out: Sweep folder: cell runs, ``cells/*.json`` (finished cells) and the tables.
         overrides: Extra ``fit`` arguments for every cell, e.g. ``["--trainer.max_epochs=2"]``.
     """
@@ -74,8 +81,8 @@ def sweep(task: str, shots: list[int] = [1, 2, 4, 8, 16], seeds: list[int] = [1,
 
     from visadapt.cli import cli_main
 
-    if protocol not in ("fewshot", "base2novel"):
-        raise ValueError(f"protocol must be fewshot or base2novel, got {protocol!r}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     task_cfg = yaml.safe_load(Path(task).read_text())
     default_ds = task_cfg.get("data", {}).get("init_args", {}).get("dataset", "dataset")
     out_dir = Path(out)
@@ -126,6 +133,32 @@ def write_tables(out_dir: Path, cells: list[Cell], protocol: str) -> dict:
                 line.append(f"{statistics.fmean(per_ds.values()):.2f}" if per_ds else "–")
                 table[f"{kind}_k{k}"] = per_ds
                 rows.append(line)
+    elif protocol == "transfer":
+        targets = list(dict.fromkeys(t for r in results.values() for t in r.get("adapted", {}) if t != "all"))
+        if not targets:
+            raise ValueError("protocol 'transfer' needs transfer targets: set data.init_args.targets in the task "
+                             "or pass e.g. --overrides '[--data.init_args.targets={digits: {dataset: digits}}]'")
+        header = ["method", "shots", "source", "source top-1", *targets, "target average"]
+        for kind in ("zeroshot", "adapted"):
+            for k in shots:
+                for d in datasets:
+                    runs = [results[c.name][kind] for c in cells if (c.dataset, c.shots) == (d, k)
+                            and kind in results[c.name]]
+                    if not runs:
+                        continue
+                    line, means = [kind, str(k), d], {}
+                    for col in ["all", *targets]:
+                        accs = [r[col] for r in runs if col in r]
+                        if not accs:
+                            line.append("–")
+                            continue
+                        m, sd = _mean_std(accs)
+                        means[col] = m
+                        line.append(f"{m:.2f} ± {sd:.2f}")
+                    tm = [means[t] for t in targets if t in means]
+                    line.append(f"{statistics.fmean(tm):.2f}" if tm else "–")
+                    table[f"{kind}_k{k}_{d}"] = {**means, "target_average": statistics.fmean(tm) if tm else None}
+                    rows.append(line)
     else:
         header = ["method", "shots", "dataset", "base", "novel", "hm"]
         for kind in ("zeroshot", "adapted"):
