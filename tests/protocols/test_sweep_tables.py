@@ -58,3 +58,33 @@ def test_transfer_table_without_targets_says_how_to_add_them(tmp_path):
     (tmp_path / "cells" / f"{cell.name}.json").write_text(json.dumps({"report": {"adapted": {"all": 1.0}}}))
     with pytest.raises(ValueError, match="data.init_args.targets"):
         write_tables(tmp_path, [cell], "transfer")
+
+
+def test_sweep_runs_cells_writes_the_table_and_resumes(tmp_path, capsys):
+    from pathlib import Path
+
+    from visadapt.protocols.sweep import sweep
+
+    task = str(Path(__file__).resolve().parents[2] / "tasks" / "clip_fewshot.yaml")
+    tiny = ["--trainer.fast_dev_run=1", "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}",
+            "--model.init_args.backbone=tiny_open_clip", "--model.init_args.adapter.init_args.target=attn_qkv",
+            "--data.init_args.dataset_kwargs={num_per_class: 6}",
+            "--data.init_args.image_size=32",
+            "--data.init_args.targets={shifted: {dataset: procedural_shapes, dataset_kwargs: {num_per_class: 4, "
+            "seed: 5}}}"]
+    out = tmp_path / "sweep"
+    t = sweep(task, shots=[1, 2], seeds=[1], datasets=["procedural_shapes"], protocol="transfer",
+              out=str(out), overrides=tiny)
+    assert set(t) == {"zeroshot_k1_procedural_shapes", "zeroshot_k2_procedural_shapes",
+                      "adapted_k1_procedural_shapes", "adapted_k2_procedural_shapes"}
+    assert set(t["adapted_k2_procedural_shapes"]) == {"all", "shifted", "target_average"}
+    cells = sorted((out / "cells").glob("*.json"))
+    assert [c.name for c in cells] == ["procedural_shapes_k1_s1.json", "procedural_shapes_k2_s1.json"]
+    stamps = [c.stat().st_mtime_ns for c in cells]
+    capsys.readouterr()
+    assert sweep(task, shots=[1, 2], seeds=[1], datasets=["procedural_shapes"], protocol="transfer",
+              out=str(out), overrides=tiny) == t
+    assert [c.stat().st_mtime_ns for c in cells] == stamps  # finished cells are skipped, not rerun
+    log = capsys.readouterr().out
+    assert log.count("done, skipped") == 2 and "running" not in log
+    assert "target average" in (out / "table.md").read_text()
