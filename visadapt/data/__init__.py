@@ -10,6 +10,7 @@ from visadapt.data import (  # noqa: F401  (each module registers its datasets)
     digits,
     fashion_mnist,
     imagefolder,
+    imagenet_variants,
     mini_imagenet,
     photos,
     sessions,
