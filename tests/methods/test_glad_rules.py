@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from visadapt.methods.glad import GladConfig, combine, perturbation
+from visadapt.methods.glad import GladConfig, combine, cosine, perturbation
 
 
 def flat(xs):
@@ -57,3 +57,10 @@ def test_config_validation():
         GladConfig(rule="average")
     with pytest.raises(ValueError, match="rho"):
         GladConfig(rho=0)
+
+
+def test_cosine_of_flat_gradients():
+    # G = (1, 2, 3), GS_AGREE = (2, 0, 1): 5 / (sqrt(14) sqrt(5))
+    assert cosine(G, GS_AGREE).item() == pytest.approx(5 / math.sqrt(14 * 5))
+    assert cosine(G, [2 * x for x in G]).item() == pytest.approx(1.0)
+    assert cosine(G, GS_CONFLICT).item() < 0

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from visadapt.adapters import AdapterConfig, disable_adapters, inject
 from visadapt.backbones import Backbone, DualEncoder, build_backbone, to_device
 from visadapt.methods.base import AdapterModule
-from visadapt.methods.glad import GladConfig, combine, perturbation
+from visadapt.methods.glad import GladConfig, combine, cosine, perturbation
 from visadapt.report import write_report
 
 
@@ -212,6 +212,7 @@ class ClipFewShot(AdapterModule):
             sched.step()
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["label"]))
         self.log("train_loss_sam", loss_sam, batch_size=len(batch["label"]))
+        self.log("glad_cos", cosine(g, g_sam), batch_size=len(batch["label"]))
         return loss.detach()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -45,7 +45,8 @@ class GladConfig:
             raise ValueError(f"GladConfig.rho must be > 0, got {self.rho}")
 
 
-def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+def flat_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """Inner product of two parameter lists seen as one flat vector (fp32)."""
     return sum((x.float() * y.float()).sum() for x, y in zip(a, b))
 
 
@@ -53,7 +54,7 @@ def combine(g: list[torch.Tensor], g_sam: list[torch.Tensor], rule: str, alpha: 
     """Combine the plain and SAM gradients (lists over parameters, treated as one flat vector)."""
     if rule == "mix":
         return [(1 - alpha) * a + alpha * b for a, b in zip(g, g_sam)]
-    dot, ss = _dot(g, g_sam), _dot(g_sam, g_sam).clamp_min(1e-30)
+    dot, ss = flat_dot(g, g_sam), flat_dot(g_sam, g_sam).clamp_min(1e-30)
     if rule == "project":
         coef = torch.where(dot < 0, dot / ss, torch.zeros_like(dot))
         return [a - coef * b + alpha * b for a, b in zip(g, g_sam)]
@@ -62,9 +63,14 @@ def combine(g: list[torch.Tensor], g_sam: list[torch.Tensor], rule: str, alpha: 
     raise ValueError(f"unknown GLAD rule {rule!r}; available: {RULES}")
 
 
+def cosine(g: list[torch.Tensor], g_sam: list[torch.Tensor]) -> torch.Tensor:
+    """Cosine between the plain and the SAM gradient (logged as ``glad_cos``; near 1, SAM barely turns ``g``)."""
+    return flat_dot(g, g_sam) / (flat_dot(g, g).sqrt() * flat_dot(g_sam, g_sam).sqrt()).clamp_min(1e-30)
+
+
 def perturbation(g: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
     """SAM's ``rho * g / ||g||``; zeros when ``g`` is not finite (an overflowing fp16 step)."""
-    norm = torch.sqrt(_dot(g, g))
+    norm = torch.sqrt(flat_dot(g, g))
     if not torch.isfinite(norm) or norm == 0:
         return [torch.zeros_like(x) for x in g]
     return [rho * x / norm for x in g]
