@@ -37,7 +37,7 @@ GRIDS: dict[str, dict[str, list[str]]] = {
     "block_lora": {f"r{r} lr{lr}": [*_lora("block_lora", r=r), f"{LR}={lr}"]
                    for r in (8, 16) for lr in ("1e-3", "2e-3")},
     "comp_lora": {f"k{k} lr{lr}": [*_lora("comp_lora", protected=k), f"{LR}={lr}"]
-                  for k in (8, 32) for lr in ("1e-3", "2e-3")},
+                  for k in (8, 4) for lr in ("1e-3", "2e-3")},  # k=r and below (the smallest layer is 16x32)
     "glad": {
         **{f"mix rho{rho} lr{lr}": [*_glad(rho), f"{LR}={lr}"] for rho in (0.01, 0.05) for lr in ("5e-4", "1e-3")},
         "project rho0.05 lr1e-3": [*_glad(0.05, "project", 0.0), f"{LR}=1e-3"],
@@ -56,6 +56,7 @@ def main() -> None:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     baselines_done = any("class_mean" in r for r in results.values())
+    failed: dict[str, str] = {}
     for method in args.only or list(GRIDS):
         for label, extra in GRIDS[method].items():
             key = f"{method} | {label}"
@@ -67,12 +68,19 @@ def main() -> None:
                     f"--data.init_args.val_shots={args.val_shots}", *extra]
             if baselines_done:  # the frozen baselines are the same for every candidate: compute them once
                 argv.append("--model.init_args.eval_baselines=false")
-            cli = cli_main(argv)
+            try:
+                cli = cli_main(argv)
+            except (Exception, SystemExit) as e:  # a bad candidate must not end the grid; it is reported
+                print(f"candidate {key} failed: {e}")
+                failed[key] = str(e).splitlines()[0] if str(e) else type(e).__name__
+                continue
             results[key] = {"method": method, "candidate": label, "args": extra, **cli.model.report}
             baselines_done = baselines_done or "class_mean" in results[key]
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=1, default=str))
     print(table(results))
+    for key, why in failed.items():
+        print(f"FAILED {key}: {why}")
 
 
 def selected(results: dict) -> dict[str, str]:
