@@ -134,16 +134,17 @@ class LossLog(pl.Callback):
 def test_lora_learns_on_exact_labels(tmp_path):
     torch.manual_seed(0)
     model = ClipFewShot("tiny_open_clip", adapter=LoRAConfig(target="all_linear", r=8, alpha=8.0),
-                        optimizer=lambda p: torch.optim.AdamW(p, lr=2e-2), schedule="constant")
+                        optimizer=lambda p: torch.optim.AdamW(p, lr=5e-3), schedule="constant")
     log = LossLog()
     trainer = make_trainer(tmp_path, max_epochs=12, limit_val_batches=0, callbacks=[log])
     trainer.fit(model, make_data(model, shots=16))
     zs, ad = model.report["zeroshot"]["all"], model.report["adapted"]["all"]
     # 5 shape classes (chance 20%) on held-out test images; a random tiny CLIP is near chance (25% measured),
-    # the adapted one reached 42% here: well past any run-to-run noise of this deterministic CPU run
+    # the adapted one (text and image towers training) reached 44% here: well past any run-to-run noise of this
+    # deterministic CPU run
     assert ad >= zs + 10.0, (zs, ad)
     first, last = sum(log.losses[:5]) / 5, sum(log.losses[-5:]) / 5
-    assert last < 0.85 * first, (first, last)  # measured 1.59 -> 1.17
+    assert last < 0.85 * first, (first, last)  # measured 1.72 -> 0.73
 
 
 def test_frozen_backbone_stays_in_eval_mode_while_adapters_train():
@@ -201,3 +202,26 @@ def test_transfer_targets_are_scored_with_their_own_classes_and_prompts(tmp_path
         val = 100.0 * (img @ text.t()).argmax(-1).eq(batch["label"]).float().mean().item()
     assert len(batch["label"]) == len(dm.val_set) == 4 * 5
     assert model.report["adapted_val_acc"] == pytest.approx(val, abs=1e-4)
+
+
+def test_validation_and_baselines_do_not_change_the_training_run(tmp_path):
+    """Validating, or scoring the frozen baselines first, leaves the training run bit-identical: evaluation loaders
+    draw from their own generator, and the baselines do not freeze the text features."""
+
+    def train(validate: bool, baselines: bool) -> dict[str, torch.Tensor]:
+        pl.seed_everything(4)
+        model = ClipFewShot("tiny_open_clip", adapter=LoRAConfig(target="attn_qkv", r=2, dropout=0.5),
+                            eval_baselines=baselines)
+        data = FewShotDataModule("procedural_shapes", shots=4, seed=1, batch_size=8, eval_batch_size=8,
+                                 augment="light", dataset_kwargs={"num_per_class": 20}, preprocess=model.preprocess)
+        trainer = make_trainer(tmp_path, max_epochs=3, limit_val_batches=1.0 if validate else 0)
+        trainer.fit(model, data)
+        assert model.text_tower_trains() and not model._text_cache
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref = train(validate=False, baselines=False)
+    # the frozen baselines run with the adapters disabled; the text tower must still count as trained afterwards
+    # (it once read "frozen" there, and training then reused stale cached text features)
+    for other in (train(validate=True, baselines=False), train(validate=False, baselines=True)):
+        assert all(torch.equal(ref[n], other[n]) for n in ref)
+    assert any(v.abs().sum() > 0 for n, v in ref.items() if "lora_B" in n)  # it did train

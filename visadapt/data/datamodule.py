@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader
 
 from visadapt.backbones.base import Preprocess
@@ -197,9 +198,12 @@ class FewShotDataModule(pl.LightningDataModule):
 
     # -- loaders ------------------------------------------------------------------------------------------------
     def _loader(self, ds: LabeledImageDataset, train: bool) -> DataLoader:
+        # Every DataLoader iterator draws a seed from its generator, the global RNG by default: evaluation loaders
+        # get their own, so that validating (or not) leaves the training run's dropout and augmentation unchanged.
+        generator = None if train else torch.Generator().manual_seed(0)
         return DataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
                           drop_last=False, num_workers=self.num_workers, collate_fn=collate,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0, generator=generator)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True)

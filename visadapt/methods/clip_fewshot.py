@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from tqdm.auto import tqdm
 
-from visadapt.adapters import AdapterConfig, disable_adapters, inject
+from visadapt.adapters import AdapterConfig, adapter_layers, disable_adapters, inject
 from visadapt.backbones import Backbone, DualEncoder, build_backbone, to_device
 from visadapt.methods.base import AdapterModule
 from visadapt.methods.glad import GladConfig, combine, cosine, perturbation
@@ -156,6 +156,8 @@ class ClipFewShot(AdapterModule):
     def text_tower_trains(self) -> bool:
         """Whether a trainable parameter reaches the text features (probed once with a one-word prompt)."""
         if self._text_adapted is None:
+            if any(not layer.enabled for _, layer in adapter_layers(self.model)):
+                raise RuntimeError("text_tower_trains() must first be probed with the adapters enabled")
             # forked RNG: the probe must not shift the dropout masks of the passes that follow (GLAD)
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.enable_grad(), torch.random.fork_rng(devices=devices):
@@ -287,6 +289,9 @@ class ClipFewShot(AdapterModule):
         from sklearn.linear_model import LogisticRegression
 
         dm, out = self.datamodule, {"zeroshot": {}, "class_mean": {}, "linear_probe": {}}
+        # probe (and remember) whether the text tower trains while the adapters are still enabled: probed inside
+        # disable_adapters it would read "frozen", and training would then reuse cached text features
+        self.text_tower_trains()
         was_training = self.training
         self.eval()
         with disable_adapters(self.model):
