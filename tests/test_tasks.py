@@ -61,12 +61,18 @@ def test_adapter_fragments_run_on_the_main_task(frag, tmp_path):
     assert cli.model.report["trainable_params"] > 0
 
 
-def test_glad_fragment_runs(tmp_path):
-    cli = cli_main(["fit", "-c", str(ROOT / "tasks" / "clip_fewshot.yaml"),
-                    "--model.init_args.glad", str(ROOT / "configs" / "methods" / "glad.yaml"),
+@pytest.mark.parametrize("frag", sorted((ROOT / "configs" / "methods").glob("*.yaml")), ids=lambda p: p.stem)
+def test_method_fragments_run_on_the_main_task(frag, tmp_path):
+    cli = cli_main(["fit", "-c", str(ROOT / "tasks" / "clip_fewshot.yaml"), "-c", str(frag),
                     "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu", "--data.init_args.image_size=64",
                     f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}"])
-    assert cli.model.glad.rule == "mix" and not cli.model.automatic_optimization
+    init = yaml.safe_load(frag.read_text())["model"]["init_args"]
+    assert type(cli.model.adapter_cfg).__name__ == init["adapter"]["class_path"].rsplit(".", 1)[1]
+    assert cli.model.adapter_cfg.r == init["adapter"]["init_args"]["r"]
+    lr = init.get("optimizer", {}).get("init_args", {}).get("lr", 1e-3)  # the task's lr unless the fragment sets one
+    assert cli.trainer.optimizers[0].defaults["lr"] == pytest.approx(lr)
+    if "glad" in init:
+        assert cli.model.glad.rho == init["glad"]["rho"] and not cli.model.automatic_optimization
 
 
 def test_main_task_under_ddp_on_two_cpu_processes(tmp_path):
