@@ -58,6 +58,8 @@ def _ms(xs: list[float]) -> str:
 
 
 def tables(results: dict) -> str:
+    from visadapt.protocols.sweep import harmonic_mean
+
     few = {n: r for n, r in results.items() if r["protocol"] == "fewshot"}
     b2n = {n: r for n, r in results.items() if r["protocol"] == "base2novel"}
     out = ["| method | trainable | train s | class mean | adapted | per seed (adapted / class mean) | "
@@ -84,7 +86,7 @@ def tables(results: dict) -> str:
             n = statistics.fmean(x["adapted"]["novel"] for x in reps)
             zb = statistics.fmean(x["zeroshot"]["base"] for x in reps)
             zn = statistics.fmean(x["zeroshot"]["novel"] for x in reps)
-            out.append(f"| {name} | {b:.1f} | {n:.1f} | {2 * b * n / (b + n):.1f} | {zb:.1f} / {zn:.1f} | "
+            out.append(f"| {name} | {b:.1f} | {n:.1f} | {harmonic_mean(b, n):.1f} | {zb:.1f} / {zn:.1f} | "
                        f"{n - zn:+.1f} |")
     return "\n".join(out)
 

@@ -34,6 +34,14 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _cell(accs: list[float]) -> tuple[float | None, str]:
+    """Seed mean and the ``mean ± std`` table cell of some accuracies (``None`` and ``–`` when there are none)."""
+    if not accs:
+        return None, "–"
+    m, s = _mean_std(accs)
+    return m, f"{m:.2f} ± {s:.2f}"
+
+
 def base2novel_table(cells: dict[str, dict[int, tuple[float, float]]]) -> dict[str, dict[str, float]]:
     """``{dataset: {seed: (base, novel)}}`` -> ``{dataset | 'average': {base, novel, hm}}`` by the CoCoOp rule."""
     rows: dict[str, dict[str, float]] = {}
@@ -122,14 +130,11 @@ def write_tables(out_dir: Path, cells: list[Cell], protocol: str) -> dict:
             for k in shots:
                 per_ds, line = {}, [kind, str(k)]
                 for d in datasets:
-                    accs = [results[c.name][kind]["all"] for c in cells if (c.dataset, c.shots) == (d, k)
-                            and kind in results[c.name] and "all" in results[c.name][kind]]
-                    if not accs:
-                        line.append("–")
-                        continue
-                    m, s = _mean_std(accs)
-                    per_ds[d] = m
-                    line.append(f"{m:.2f} ± {s:.2f}")
+                    m, text = _cell([results[c.name][kind]["all"] for c in cells if (c.dataset, c.shots) == (d, k)
+                                     and kind in results[c.name] and "all" in results[c.name][kind]])
+                    line.append(text)
+                    if m is not None:
+                        per_ds[d] = m
                 line.append(f"{statistics.fmean(per_ds.values()):.2f}" if per_ds else "–")
                 table[f"{kind}_k{k}"] = per_ds
                 rows.append(line)
@@ -148,13 +153,10 @@ def write_tables(out_dir: Path, cells: list[Cell], protocol: str) -> dict:
                         continue
                     line, means = [kind, str(k), d], {}
                     for col in ["all", *targets]:
-                        accs = [r[col] for r in runs if col in r]
-                        if not accs:
-                            line.append("–")
-                            continue
-                        m, sd = _mean_std(accs)
-                        means[col] = m
-                        line.append(f"{m:.2f} ± {sd:.2f}")
+                        m, text = _cell([r[col] for r in runs if col in r])
+                        line.append(text)
+                        if m is not None:
+                            means[col] = m
                     tm = [means[t] for t in targets if t in means]
                     line.append(f"{statistics.fmean(tm):.2f}" if tm else "–")
                     table[f"{kind}_k{k}_{d}"] = {**means, "target_average": statistics.fmean(tm) if tm else None}
