@@ -177,7 +177,9 @@ def _open_clip():
     model = backbone.model
     images = torch.randn(2, 3, backbone.preprocess.image_size, backbone.preprocess.image_size)
     tokens = model.tokenize(["a photo of a cat", "a diagram"])
-    target = backbone.resolve_target("attn_qv") + "|" + backbone.resolve_target("attn_proj")
+    # q, k and v as three independent slice adapters of each fused qkv, and the whole proj
+    target = backbone.resolve_target("attn_qkv_proj")
+    assert "qkv[q,k,v]" in target
 
     def run(m, dt=torch.float32):
         return torch.cat([m.encode_image(images.to(dt)), m.encode_text(tokens)])

@@ -148,8 +148,36 @@ def test_registries_and_descriptions():
     described = ADAPTERS.describe()
     assert {"lora", "block_lora", "comp_lora"} <= set(described)
     assert all(text and "\n" not in text for text in described.values())
-    for registry in (INITIALISERS, OPTIMISERS, REGULARISERS, SCHEDULES):
-        assert registry.describe() == {} or all(registry.describe().values())
+
+
+
+@pytest.mark.parametrize(
+    "registry,kind",
+    [(INITIALISERS, "initialiser"), (OPTIMISERS, "optimiser"), (REGULARISERS, "regulariser"), (SCHEDULES, "schedule")],
+)
+def test_companion_registries_register_describe_and_resolve(registry, kind):
+    """The companion registries are empty today: register a companion the way a variant file would, then check that
+    it resolves, is listed with its docstring's first line, and that an unknown name fails naming the kind."""
+    assert registry.kind == kind
+    assert all(registry.describe().values()), "a registered companion has no description"
+    name = f"test_only_{kind}"
+
+    @registry.register(name)
+    def companion() -> None:
+        """Does nothing; registered by a test.
+
+        More text that the listing leaves out.
+        """
+
+    try:
+        assert registry.get(name.upper()) is companion and name in registry
+        assert registry.describe()[name] == "Does nothing; registered by a test."
+        with pytest.raises(KeyError, match=f"Unknown {kind} 'missing'.*{name}"):
+            registry.get("missing")
+    finally:
+        registry._items.pop(name, None)
+        registry._help.pop(name, None)
+    assert name not in registry
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,10 @@ from visadapt.adapters import (
 
 VARIANTS = {
     "lora": LoRAConfig(r=4, alpha=8, rslora=True, init="gaussian"),
-    "block_lora": BlockLoRAConfig(r=4, alpha=8, n_blocks=2),
+    # dropout > 0: training runs the per-slice (one mask per fused-qkv slice) path
+    "lora_dropout": LoRAConfig(r=2, alpha=2, dropout=0.25),
+    "block_lora": BlockLoRAConfig(r=4, alpha=8, n_blocks=2),  # the shared (tied-arms) form
+    "block_lora_arms": BlockLoRAConfig(r=4, alpha=8, n_blocks=2, form="arms", dropout=0.25, arm_dropout=True),
     "comp_lora": CompLoRAConfig(r=4, alpha=8, protected=2),
     "comp_lora_proj_in": CompLoRAConfig(r=4, alpha=8, protected=3, side="input", parametrization="projector"),
 }
@@ -101,6 +104,7 @@ def test_only_adapter_parameters_train(toy, variant, model_name):
     optimiser = torch.optim.Adam(case.model.parameters(), lr=1e-2)
     torch.manual_seed(0)
     goal = torch.randn_like(case.run(case.model))
+    case.model.train()  # adapter dropout (where configured) is active: the per-slice / per-arm mask path trains
     for _ in range(3):
         optimiser.zero_grad()
         nn.functional.mse_loss(case.run(case.model), goal).backward()
@@ -207,15 +211,20 @@ def test_fused_qkv_slices_leave_k_exactly_unchanged(variant):
 
 def test_block_lora_has_fewer_parameters_than_lora_at_the_same_rank(toy):
     counts = {}
-    for label, config in [("lora", LoRAConfig(r=8)), ("block", BlockLoRAConfig(r=8, n_blocks=4))]:
+    for label, config in [
+        ("lora", LoRAConfig(r=8)),
+        ("shared", BlockLoRAConfig(r=8, n_blocks=4)),
+        ("arms", BlockLoRAConfig(r=8, n_blocks=4, form="arms")),
+    ]:
         case = toy("vit")
         config.target = case.target
         counts[label] = inject(case.model, config, verbose=False).adapter_parameters
-    assert counts["block"] < counts["lora"]
-    # per matrix: (r/n)*in + r*out against r*(in + out); the ViT rows are 32->96, 32->32, 32->128, 128->32
+    # per matrix: LoRA r*(in + out); shared form (r/n)*(in + out); arms (r/n)*in + r*out.
+    # The ViT rows are 32->96, 32->32, 32->128, 128->32, in two blocks.
     shapes = [(96, 32), (32, 32), (128, 32), (32, 128)]
     assert counts["lora"] == 2 * sum(8 * (o + i) for o, i in shapes)
-    assert counts["block"] == 2 * sum(2 * i + 8 * o for o, i in shapes)
+    assert counts["shared"] == 2 * sum(2 * (o + i) for o, i in shapes) == counts["lora"] // 4
+    assert counts["arms"] == 2 * sum(2 * i + 8 * o for o, i in shapes)
 
 
 @pytest.mark.parametrize("side", ["both", "input", "output"])

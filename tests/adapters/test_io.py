@@ -60,7 +60,7 @@ def test_save_writes_safetensors_and_json(tmp_path):
     assert meta["config"]["n_blocks"] == 2 and meta["config"]["target"] == TARGET
     layer = meta["layers"]["blocks.0.qkv"]
     assert layer["weight_shape"] == [24, 8] and layer["slices"] == ["q", "v"]
-    assert layer["tensors"]["adapters.default.q.lora_B.1"] == [8, 2]
+    assert layer["tensors"]["adapters.default.q.lora_B"] == [8, 2]  # the shared form: one (out, r/n) B
     assert load_file(str(tmp_path / "visadapt_adapter.safetensors")).keys() == adapter_state_dict(model).keys()
 
 

@@ -36,6 +36,11 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-6) -> N
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * expected.abs().max().item())
 
 
+def _different(adapted: torch.Tensor, unadapted: torch.Tensor) -> None:
+    """The adapter changes the output by far more than the parity tolerance, so parity is not base == base."""
+    assert (adapted - unadapted).abs().max() > 1e-2 * unadapted.abs().max(), "the adapter does not change the output"
+
+
 @torch.no_grad()
 def _randomise(model: torch.nn.Module, needle: str, seed: int = 3) -> None:
     gen = torch.Generator().manual_seed(seed)
@@ -87,10 +92,14 @@ def test_export_loads_in_peft_with_identical_outputs(toy, tmp_path, model_name, 
     config.target = target
     inject(case.model, config, verbose=False)
     _randomise(case.model, ".adapters.")
+    with torch.no_grad():
+        unadapted = case.run(base)
     export_peft(case.model, tmp_path, base_model_name_or_path=f"toy:{model_name}")
     loaded = peft.PeftModel.from_pretrained(base, tmp_path)
     with torch.no_grad():
-        _close(case.run(loaded), case.run(case.model))
+        adapted = case.run(case.model)
+        _different(adapted, unadapted)
+        _close(case.run(loaded), adapted)
 
 
 @pytest.mark.parametrize("model_name", ["vit", "bert"])
@@ -101,6 +110,8 @@ def test_peft_adapter_imports_with_identical_outputs(toy, tmp_path, model_name):
     config = peft.LoraConfig(
         r=4, lora_alpha=6, target_modules=target, use_rslora=True, rank_pattern={some: 2}, alpha_pattern={some: 3.0}
     )
+    with torch.no_grad():
+        unadapted = case.run(ours)
     theirs = peft.get_peft_model(case.model, config)
     _randomise(theirs, "lora_")
     theirs.save_pretrained(tmp_path)
@@ -109,7 +120,9 @@ def test_peft_adapter_imports_with_identical_outputs(toy, tmp_path, model_name):
     assert ours.get_submodule(some).adapters["default"].r == 2
     assert not any(p.requires_grad for n, p in ours.named_parameters() if not is_adapter_param(n))
     with torch.no_grad():
-        _close(case.run(ours), case.run(theirs))
+        reference = case.run(theirs)
+        _different(reference, unadapted)
+        _close(case.run(ours), reference)
 
 
 def test_diffusers_export_loads_with_load_lora_weights(toy, tmp_path):
@@ -170,10 +183,13 @@ def test_conv_adapters_export_to_peft_and_back(toy, tmp_path):
     base, again = copy.deepcopy(case.model), copy.deepcopy(case.model)
     inject(case.model, LoRAConfig(target=case.target, r=2, alpha=3), verbose=False)
     _randomise(case.model, ".adapters.")
+    with torch.no_grad():
+        unadapted = case.run(base)
     export_peft(case.model, tmp_path)
     loaded = peft.PeftModel.from_pretrained(base, tmp_path)
     import_peft(again, tmp_path)
     with torch.no_grad():
         expected = case.run(case.model)
+        _different(expected, unadapted)
         _close(case.run(loaded), expected)
         _close(case.run(again), expected)

@@ -84,6 +84,13 @@ class Adapter(nn.Module):
         """``(A, B)``, shapes ``(rank, in_features)`` and ``(out_features, rank)``, without the scale."""
         raise NotImplementedError(f"{type(self).__name__} has no low-rank factorisation")
 
+    def branches(self) -> list[tuple[Tensor, Tensor]]:
+        """``(A_j, B_j)`` pairs with ``delta_weight() == scale * sum_j B_j @ A_j``, each of which draws its own
+        dropout mask in training. Default: the one pair :meth:`factors`. A variant whose sub-branches must see
+        independent masks (Block-LoRA's ``arm_dropout``) returns several; with dropout inactive the layer uses
+        :meth:`factors` alone."""
+        return [self.factors()]
+
     def delta_weight(self) -> Tensor:
         """The full update ``scale * B @ A`` of this block, in float32 (used for merging and checks only)."""
         a, b = self.factors()
@@ -250,31 +257,45 @@ class AdapterLayer(nn.Module):
         x_last = x.movedim(-3, -1)
         x2d = x_last.reshape(-1, x_last.shape[-1])
         for name, coef in self.active.items():
-            x_drop = self.parts(name)[0][0].dropout(x2d)
-            a, b, scale = self.lowrank(name)
-            delta = F.linear(F.linear(x_drop, a.to(x2d.dtype)), b.to(x2d.dtype))
+            delta = self._add_delta_(name, coef, x2d, x2d.new_zeros(x2d.shape[0], self.base_weight.shape[0]))
             # added in the base output's memory layout, so that what follows sees the layout it would see unadapted
-            out = out.add(delta.view(*x_last.shape[:-1], -1).movedim(-1, -3).to(out.dtype), alpha=scale * coef)
+            out = out.add(delta.view(*x_last.shape[:-1], -1).movedim(-1, -3).to(out.dtype))
         return out
 
     def _add_delta_(self, name: str, coef: float, x2d: Tensor, out: Tensor) -> Tensor:
-        """``out += coef * delta_name(x)`` in the low-rank order, in place on the base layer's output.
+        """``out += coef * delta_name(x)`` in the low-rank order, in place on ``out`` (the base layer's output).
 
-        One down-projection GEMM for all slices of the adapter (their ``A`` stacked; one shared dropout mask), then
-        each slice's up-projection is accumulated into its own output columns by :class:`_AddUpProjection`: no
-        full-size temporary, no ``cat``/``clone`` of the output, and no FLOPs spent on unadapted slices.
+        Each slice (and each branch, see :meth:`Adapter.branches`) draws its own dropout mask, as separate q, k, v
+        Linears with their own LoRA would. When no dropout is active (``dropout=0`` or eval mode) all slices share
+        one down-projection GEMM (their ``A`` stacked). Each up-projection is then accumulated into its own output
+        columns by :class:`_AddUpProjection`: no full-size temporary, no ``cat``/``clone`` of the output, and no
+        FLOPs spent on unadapted slices.
         """
         parts = self.parts(name)
-        factors = [core.factors() for core, _ in parts]
-        a = factors[0][0] if len(parts) == 1 else torch.cat([f[0] for f in factors])
-        h = F.linear(parts[0][0].dropout(x2d), a.to(x2d.dtype)).to(out.dtype)
-        rows, cols, alphas, ups, col = [], [], [], [], 0
-        for (core, bounds), (_, b) in zip(parts, factors):
-            rows.append(bounds or (0, out.shape[-1]))
+        rows, alphas, ups, pieces = [], [], [], []
+        if any(_dropout_active(core.dropout) for core, _ in parts):
+            for core, bounds in parts:
+                for a, b in core.branches():  # one mask per slice and per branch
+                    pieces.append(F.linear(core.dropout(x2d), a.to(x2d.dtype)))
+                    rows.append(bounds or (0, out.shape[-1]))
+                    alphas.append(core.scale * coef)
+                    ups.append(b.to(out.dtype))
+            h = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        else:
+            downs = []
+            for core, bounds in parts:
+                a, b = core.factors()
+                downs.append(a)
+                rows.append(bounds or (0, out.shape[-1]))
+                alphas.append(core.scale * coef)
+                ups.append(b.to(out.dtype))
+            a = downs[0] if len(downs) == 1 else torch.cat(downs)
+            h = F.linear(x2d, a.to(x2d.dtype))
+        h = h.to(out.dtype)
+        cols, col = [], 0
+        for b in ups:
             cols.append((col, col + b.shape[1]))
             col += b.shape[1]
-            alphas.append(core.scale * coef)
-            ups.append(b.to(out.dtype))
         return _AddUpProjection.apply(out, h, tuple(rows), tuple(cols), tuple(alphas), *ups)
 
     def extra_repr(self) -> str:
@@ -317,6 +338,11 @@ class _AddUpProjection(torch.autograd.Function):
             for i, ((r0, r1), (c0, c1), alpha) in enumerate(parts)
         ]
         return (grad, grad_h, None, None, None, *grad_ups)
+
+
+def _dropout_active(module: nn.Module) -> bool:
+    """True when ``module`` would change its input now (a training-mode dropout with ``p > 0``)."""
+    return not isinstance(module, nn.Identity) and module.training and getattr(module, "p", 1.0) > 0
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:

@@ -144,7 +144,7 @@ def _inject_modules(model: nn.Module, config: AdapterConfig, name: str, plan: Ma
             kind = supported_kind(module)
             if kind is None:
                 raise ValueError(f"{module_name} is a {type(module).__name__}, not nn.Linear or 1x1 nn.Conv2d")
-            module = AdapterLayer(module, kind)
+            module = AdapterLayer(module, kind).train(module.training)  # an eval model stays in eval mode
             parent_name, _, child = module_name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, module)
         if module.merged:
@@ -154,6 +154,7 @@ def _inject_modules(model: nn.Module, config: AdapterConfig, name: str, plan: Ma
             module.add_adapter(name, cls, config.for_module(module_name), bounds)
         except ValueError as err:
             raise ValueError(f"{format_name(module_name, slices)}: {err}") from None
+        module.adapters[name].train(module.training)  # new dropout follows the layer's train/eval mode
     for param_name, param in model.named_parameters():
         param.requires_grad_(is_adapter_param(param_name) and _adapter_name_of(param_name) == name)
 

@@ -373,11 +373,13 @@ def split_slice_suffix(target: str) -> tuple[str, tuple[str, ...] | None]:
 
 
 def matching_presets(model: nn.Module, presets: dict[str, str]) -> dict[str, str]:
-    """The presets whose regular expression (slice suffix removed) fully matches at least one module name."""
+    """The presets of which every top-level alternative (its slice suffix removed, as the adapter library reads
+    it) fully matches at least one module name."""
+    from visadapt.adapters.targets import parse_target
+
     names = [name for name, _ in model.named_modules()]
     kept = {}
     for key, rule in presets.items():
-        pattern = re.compile(split_slice_suffix(rule)[0])
-        if any(pattern.fullmatch(n) for n in names):
+        if all(any(alt.pattern.fullmatch(n) for n in names) for alt in parse_target(rule)):
             kept[key] = rule
     return kept

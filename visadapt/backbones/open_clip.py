@@ -62,20 +62,31 @@ TINY_OPEN_CLIP_CFG: dict[str, Any] = {
 """A two-layer CLIP (vision width 64, text width 32) that runs in milliseconds on a CPU."""
 
 _BLOCK = r"transformer\.resblocks\.\d+"
-_TOWER_PRESETS = {
-    "attn_qkv": rf"{_BLOCK}\.attn\.qkv",
-    "attn_qv": rf"{_BLOCK}\.attn\.qkv[q,v]",
-    "attn_proj": rf"{_BLOCK}\.attn\.proj",
-    "attn_qkv_proj": rf"{_BLOCK}\.attn\.(qkv|proj)",
-    "mlp": rf"{_BLOCK}\.mlp\.(c_fc|c_proj)",
-    "all_linear": rf"{_BLOCK}\.(attn\.(qkv|proj)|mlp\.(c_fc|c_proj))",
+# Each preset is a list of alternatives; a ``[q,k,v]`` suffix belongs to its own alternative.
+_TOWER_PRESETS: dict[str, list[str]] = {
+    "attn_qkv": [rf"{_BLOCK}\.attn\.qkv[q,k,v]"],
+    "attn_qv": [rf"{_BLOCK}\.attn\.qkv[q,v]"],
+    "attn_qkv_fused": [rf"{_BLOCK}\.attn\.qkv"],
+    "attn_proj": [rf"{_BLOCK}\.attn\.proj"],
+    "attn_qkv_proj": [rf"{_BLOCK}\.attn\.qkv[q,k,v]", rf"{_BLOCK}\.attn\.proj"],
+    "mlp": [rf"{_BLOCK}\.mlp\.(c_fc|c_proj)"],
+    "all_linear": [rf"{_BLOCK}\.attn\.qkv[q,k,v]", rf"{_BLOCK}\.(attn\.proj|mlp\.(c_fc|c_proj))"],
 }
+
+
+def _towers(prefix: str) -> dict[str, str]:
+    return {name: "|".join(f"{prefix}\\.{alt}" for alt in alts) for name, alts in _TOWER_PRESETS.items()}
+
+
 OPEN_CLIP_PRESETS: dict[str, str] = {
-    **{name: rf"(visual|text)\.{rx}" for name, rx in _TOWER_PRESETS.items()},
-    **{f"vision_{name}": rf"visual\.{rx}" for name, rx in _TOWER_PRESETS.items()},
-    **{f"text_{name}": rf"text\.{rx}" for name, rx in _TOWER_PRESETS.items()},
+    **_towers("(visual|text)"),
+    **{f"vision_{name}": rule for name, rule in _towers("visual").items()},
+    **{f"text_{name}": rule for name, rule in _towers("text").items()},
 }
-"""Target presets on normalised open_clip towers. ``[q,v]`` selects slices of the fused qkv Linear.
+"""Target presets on normalised open_clip towers, meaning what they mean on every family: ``attn_qkv`` is three
+independent adapters on the q, k and v slices of the fused qkv Linear (``[q,k,v]``; CLIP-LoRA's placement, as
+the three Linears of ``hf_clip``), ``attn_qkv_fused`` one adapter on the whole fused matrix (one down-projection
+shared by q, k and v). ``vision_*`` / ``text_*`` restrict a preset to one tower.
 
 Presets that match no module of a given model (for instance the attention presets of a timm vision tower) are
 left out of that backbone's ``target_presets``.

@@ -26,12 +26,15 @@ __all__ = ["TIMM_PRESETS", "TINY_VIT_ARGS", "TimmImageEncoder", "timm_backbone",
 _BLOCK = r"trunk\.blocks\.\d+"
 TIMM_PRESETS: dict[str, str] = {
     # Vision transformers (timm's stable module names: blocks.N.attn.qkv / attn.proj / mlp.fc1 / mlp.fc2).
-    "attn_qkv": rf"{_BLOCK}\.attn\.qkv",
+    # attn_qkv: three independent adapters on the q, k, v slices of the fused qkv (as on every other family);
+    # attn_qkv_fused: one adapter on the whole fused matrix (PEFT's "qkv" target).
+    "attn_qkv": rf"{_BLOCK}\.attn\.qkv[q,k,v]",
     "attn_qv": rf"{_BLOCK}\.attn\.qkv[q,v]",
+    "attn_qkv_fused": rf"{_BLOCK}\.attn\.qkv",
     "attn_proj": rf"{_BLOCK}\.attn\.proj",
-    "attn_qkv_proj": rf"{_BLOCK}\.attn\.(qkv|proj)",
+    "attn_qkv_proj": rf"{_BLOCK}\.attn\.qkv[q,k,v]|{_BLOCK}\.attn\.proj",
     "mlp": rf"{_BLOCK}\.mlp\.fc[12]",
-    "all_linear": rf"{_BLOCK}\.(attn\.(qkv|proj)|mlp\.fc[12])",
+    "all_linear": rf"{_BLOCK}\.attn\.qkv[q,k,v]|{_BLOCK}\.(attn\.proj|mlp\.fc[12])",
     # EfficientNet / MobileNet style convnets: pointwise expansion and projection convs plus the 1x1 head conv.
     "conv_1x1": r"trunk\.(blocks\.\d+\.\d+\.conv_(pw|pwl)|conv_head)",
 }
