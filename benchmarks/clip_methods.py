@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=[1, 2])
     parser.add_argument("--out", default=str(ROOT / "runs" / "methods"))
     args = parser.parse_args()
+    from visadapt.cli import cli_main
     from visadapt.protocols.sweep import sweep
 
     results = {}
@@ -43,7 +44,7 @@ def main() -> None:
         protocol, extra = METHODS[name]
         out = Path(args.out) / name
         sweep(TASK, shots=[16], seeds=args.seeds, protocol=protocol, out=str(out),
-              overrides=[*extra, *(TRANSFER if protocol == "fewshot" else [])])
+              overrides=[*extra, *(TRANSFER if protocol == "fewshot" else [])], runner=cli_main)
         results[name] = {"protocol": protocol, "seeds": {
             s: json.loads((out / "cells" / f"fashion_mnist_k16_s{s}.json").read_text())["report"] for s in args.seeds}}
     path = ROOT / "benchmarks" / "results" / "clip_methods.json"
@@ -58,7 +59,7 @@ def _ms(xs: list[float]) -> str:
 
 
 def tables(results: dict) -> str:
-    from visadapt.protocols.sweep import harmonic_mean
+    from visadapt.metrics import harmonic_mean
 
     few = {n: r for n, r in results.items() if r["protocol"] == "fewshot"}
     b2n = {n: r for n, r in results.items() if r["protocol"] == "base2novel"}

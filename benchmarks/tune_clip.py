@@ -26,7 +26,7 @@ def _lora(frag: str, **kw) -> list[str]:
     return [ADAPTER, f"configs/adapters/{frag}.yaml", *[f"{ADAPTER}.init_args.{k}={v}" for k, v in kw.items()]]
 
 
-def _glad(rho: float, rule: str = "mix", alpha: float = 0.5) -> list[str]:
+def _glad(rho: float, rule: str = "project", alpha: float = 0.0) -> list[str]:
     return [*_lora("lora"), f"--model.init_args.glad={{rho: {rho}, rule: {rule}, alpha: {alpha}}}"]
 
 
@@ -37,7 +37,10 @@ GRIDS: dict[str, dict[str, list[str]]] = {
                    for r in (8, 16) for lr in ("1e-3", "2e-3")},
     "comp_lora": {f"k{k} lr{lr}": [*_lora("comp_lora", protected=k), f"{LR}={lr}"]
                   for k in (8, 4) for lr in ("1e-3", "2e-3")},  # k=r and below (the smallest layer is 16x32)
-    "glad": {f"mix rho{rho} lr{lr}": [*_glad(rho), f"{LR}={lr}"] for rho in (0.01, 0.05) for lr in ("5e-4", "1e-3")},
+    # GLAD's default rule (project, alpha 0: ProGrad with the SAM gradient as reference); the README keeps the
+    # results of the earlier grid over the mix rule
+    "glad": {f"project rho{rho} lr{lr}": [*_glad(rho), f"{LR}={lr}"] for rho in (0.01, 0.05)
+             for lr in ("5e-4", "1e-3")},
 }
 
 

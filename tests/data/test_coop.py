@@ -218,3 +218,54 @@ def test_fashion_mnist_names_and_template():
 
     prompts = build_prompts(list(FASHION_MNIST_CLASSNAMES), get_templates("fashion_mnist")[0])
     assert prompts[0] == "a photo of a T-shirt/top." and prompts[9] == "a photo of a Ankle boot."
+
+
+def test_generic_coop_split_dataset_reads_any_split_file(tmp_path):
+    """A user's own dataset in CoOp's format: class names from the file, the image folder found by itself."""
+    rows = {"train": [["cats/a.png", 1, "tabby_cat"], ["dogs/b.png", 0, "golden_retriever"],
+                      ["cats/c.png", 1, "tabby_cat"]],
+            "val": [["dogs/d.png", 0, "golden_retriever"]],
+            "test": [["cats/e.png", 1, "tabby_cat"], ["misc/f.png", 2, "axolotl"]]}
+    folder = tmp_path / "my_pets"
+    for k, (rel, label, _) in enumerate(r for split in rows.values() for r in split):
+        write_png(folder / "pictures" / rel, value=10 * label + k)
+    (folder / "split_zhou_MyPets.json").write_text(json.dumps(rows))
+    assert "coop_split" in DATASETS.names()
+    train = DATASETS.get("coop_split")(root=str(folder))
+    assert isinstance(train, CoOpDataset)
+    assert train.classnames == ["golden retriever", "tabby cat", "axolotl"]  # from the file, by label
+    assert train.raw_classnames == ["golden_retriever", "tabby_cat", "axolotl"]
+    assert train.labels == [1, 0, 1]
+    assert train.paths[0] == folder / "pictures" / "cats/a.png"  # the image folder was found
+    assert train[0]["image"].size == (8, 8)
+    test = DATASETS.get("coop_split")(root=str(folder / "split_zhou_MyPets.json"), split="test")
+    assert test.labels == [1, 2] and test.classnames == train.classnames
+    assert train.template == "a photo of a {}."  # an unknown name gets the generic template
+    eurosat = DATASETS.get("coop_split")(root=str(folder), name="EuroSAT")
+    assert eurosat.template == "a centered satellite photo of {}."
+    explicit = DATASETS.get("coop_split")(root=str(folder), image_dir="pictures", split="val")
+    assert explicit.paths == [folder / "pictures/dogs/d.png"]
+    # clear errors
+    with pytest.raises(FileNotFoundError, match="image_dir"):
+        DATASETS.get("coop_split")(root=str(folder), image_dir="nope")
+    (folder / "split_zhou_Other.json").write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match="several split files"):
+        DATASETS.get("coop_split")(root=str(folder))
+    assert DATASETS.get("coop_split")(root=str(folder), split_file="split_zhou_Other.json").labels == [1, 0, 1]
+    with pytest.raises(FileNotFoundError, match="split_zhou"):
+        DATASETS.get("coop_split")(root=str(tmp_path / "empty_dir_missing"))
+
+
+def test_generic_coop_split_feeds_the_datamodule(tmp_path):
+    from visadapt.data import FewShotDataModule
+
+    rows = {s: [[f"{s}/{c}_{k}.png", c, f"class_{c}"] for c in (1, 0) for k in range(n)]
+            for s, n in (("train", 5), ("val", 2), ("test", 3))}
+    for split in rows.values():
+        for rel, label, _ in split:
+            write_png(tmp_path / "imgs" / rel, value=label)
+    (tmp_path / "split_zhou_Toy.json").write_text(json.dumps(rows))
+    dm = FewShotDataModule("coop_split", root=str(tmp_path), shots=2, val_split="val")
+    dm.setup()
+    assert dm.classnames == ["class 0", "class 1"] and len(dm.train_set) == 4 and len(dm.val_set) == 4
+    assert dm.val_source == "val split"

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from visadapt.data import FewShotDataModule, FewShotSplit, base_novel_classes, make_fewshot_split, sample_per_class
+from visadapt.data.fewshot import NotEnoughImagesError, draw_fewshot
 from visadapt.data.photos import procedural_shapes
 
 LABELS = [i % 7 for i in range(700)]
@@ -82,3 +83,142 @@ def test_procedural_dataset_is_a_function_of_seed():
     assert (a.images == b.images).all() and a.labels == b.labels
     assert not (procedural_shapes(seed=2, num_per_class=3).images == a.images).all()
     assert not (procedural_shapes(split="test", seed=1, num_per_class=3).images == a.images).all()
+
+
+# -- the papers' draws, against independent re-implementations of the official code -------------------------------
+def shuffled_labels(n_classes=6, per_class=9, seed=0):
+    """A generated split whose labels first appear out of order (5, 2, 0, ...), interleaved."""
+    labels = [c for c in range(n_classes) for _ in range(per_class)]
+    random.Random(seed).shuffle(labels)
+    assert labels[:n_classes] != sorted(labels[:n_classes])
+    first = list(dict.fromkeys(labels))
+    assert first != sorted(first)  # first-appearance order is not the sorted order
+    return labels
+
+
+def dassl_reference(train_labels, val_labels, shots, seed):
+    """CoOp's dataset code: ``random.seed(seed)`` (Dassl's set_random_seed), then Dassl's generate_fewshot_dataset
+    (labels grouped with a defaultdict, i.e. first-appearance order; ``random.sample`` per label; repeat=False)
+    over train with K, then over val with min(K, 4), on the same global stream."""
+    from collections import defaultdict
+
+    def generate(items_labels, k):
+        tracker = defaultdict(list)
+        for i, y in enumerate(items_labels):
+            tracker[y].append(i)
+        out = []
+        for _, items in tracker.items():
+            out.extend(random.sample(items, k) if len(items) >= k else items)
+        return out
+
+    state = random.getstate()
+    try:
+        random.seed(seed)
+        train = generate(train_labels, shots)
+        val = generate(val_labels, min(shots, 4))
+    finally:
+        random.setstate(state)
+    return train, val
+
+
+def clip_lora_reference(train_labels, val_labels, shots, seed):
+    """CLIP-LoRA's datasets/*.py: ``random.seed(seed)``, then val (min(K, 4)) BEFORE train (K), each with
+    generate_fewshot_dataset(repeat=True): ``random.choices`` for a label with fewer items. Without a val split
+    (its imagenet.py): per label ``random.sample(items, K + min(K, 4))``, first K train, the rest val."""
+    from collections import defaultdict
+
+    def by_label(labels):
+        tracker = defaultdict(list)
+        for i, y in enumerate(labels):
+            tracker[y].append(i)
+        return tracker
+
+    def generate(labels, k):
+        out = []
+        for _, items in by_label(labels).items():
+            out.extend(random.sample(items, k) if len(items) >= k else random.choices(items, k=k))
+        return out
+
+    state = random.getstate()
+    try:
+        random.seed(seed)
+        if val_labels is None:
+            train, val = [], []
+            v = min(shots, 4)
+            for _, items in by_label(train_labels).items():
+                s = random.sample(items, shots + v)
+                train += s[:shots]
+                val += s[shots:]
+            return train, val
+        val = generate(val_labels, min(shots, 4))
+        train = generate(train_labels, shots)
+    finally:
+        random.setstate(state)
+    return train, val
+
+
+@pytest.mark.parametrize("shots, seed", [(1, 1), (4, 2), (8, 3)])
+def test_coop_draw_is_dassl_exactly(shots, seed):
+    train_labels, val_labels = shuffled_labels(seed=seed), shuffled_labels(per_class=5, seed=seed + 10)
+    ref_train, ref_val = dassl_reference(train_labels, val_labels, shots, seed)
+    before = random.getstate()
+    split = draw_fewshot("x", train_labels, val_labels, shots, seed)  # the default draw
+    assert random.getstate() == before  # the global generator is neither read nor changed
+    assert split.draw == "coop"
+    assert split.train == ref_train and split.val == ref_val  # the same images, in the same order
+    # and not what sorted labels would give (the old rule)
+    assert sample_per_class(train_labels, shots, seed) != sorted(ref_train) or shots == 1
+
+
+@pytest.mark.parametrize("shots, seed", [(2, 1), (4, 2), (8, 3)])
+def test_clip_lora_draw_is_clip_lora_exactly(shots, seed):
+    train_labels = shuffled_labels(seed=seed)
+    val_labels = shuffled_labels(per_class=3, seed=seed + 10)  # 3 < min(K, 4) at K >= 4: repeats
+    ref_train, ref_val = clip_lora_reference(train_labels, val_labels, shots, seed)
+    split = draw_fewshot("x", train_labels, val_labels, shots, seed, draw="clip_lora", short_classes="repeat")
+    assert split.train == ref_train and split.val == ref_val
+    coop = draw_fewshot("x", train_labels, val_labels, shots, seed, short_classes="keep")
+    assert coop.train != split.train  # the two papers' draws really differ for one seed
+    # without a val split: CLIP-LoRA's ImageNet rule
+    train_labels = shuffled_labels(per_class=12, seed=seed)  # K + min(K, 4) <= 12 per class
+    ref_train, ref_val = clip_lora_reference(train_labels, None, shots, seed)
+    split = draw_fewshot("x", train_labels, None, shots, seed, draw="clip_lora")
+    assert split.train == ref_train and split.val == ref_val and split.val_from_train
+
+
+def test_base2novel_draws_over_all_classes_then_keeps_the_subset():
+    """CoOp draws the few-shot set over every class, then ``subsample_classes``: the base shots are the
+    all-class draw restricted to the base labels."""
+    labels = shuffled_labels()
+    full = draw_fewshot("x", labels, None, 3, 1)
+    base = draw_fewshot("x", labels, None, 3, 1, classes=[0, 1, 2])
+    assert base.train == [i for i in full.train if labels[i] in (0, 1, 2)]
+    assert base.classes == [0, 1, 2]
+
+
+def test_short_class_is_an_error_naming_the_class_and_counts_or_reported_when_kept():
+    labels = [0] * 10 + [1] * 3 + [2] * 10
+    with pytest.raises(NotEnoughImagesError, match=r"'b' \(label 1\) has 3 training image\(s\), fewer than the 4"):
+        draw_fewshot("x", labels, labels, 4, 1, classnames=["a", "b", "c"])
+    kept = draw_fewshot("x", labels, labels, 4, 1, short_classes="keep", classnames=["a", "b", "c"])
+    assert sum(labels[i] == 1 for i in kept.train) == 3
+    assert kept.shots_used == {"1": [3, 3]}  # train, val (min(K, 4) = 4 asked of 3)
+    repeated = draw_fewshot("x", labels, labels, 4, 1, short_classes="repeat")
+    assert sum(labels[i] == 1 for i in repeated.train) == 4 and len(set(repeated.train)) < len(repeated.train)
+    # validation from held-out training images: 10 images cannot give 8 training + 4 validation shots
+    with pytest.raises(NotEnoughImagesError, match="held-out training"):
+        draw_fewshot("x", [0] * 10 + [1] * 12, None, 8, 1)
+
+
+def test_datamodule_short_class_error_and_report(tmp_path):
+    kw = dict(dataset_kwargs={"num_per_class": 4, "image_size": 16}, seed=1)
+    with pytest.raises(NotEnoughImagesError, match="circle"):
+        FewShotDataModule("procedural_shapes", shots=6, **kw).setup()
+    dm = FewShotDataModule("procedural_shapes", shots=6, short_classes="keep", **kw)
+    dm.setup()
+    assert len(dm.train_set) == 4 * 5 and len(dm.val_set) == 0
+    assert dm.split.shots_used == {str(c): [4, 0] for c in range(5)}
+    with pytest.raises(ValueError, match="short_classes"):
+        FewShotDataModule("procedural_shapes", short_classes="silently")
+    with pytest.raises(ValueError, match="draw"):
+        FewShotDataModule("procedural_shapes", draw="tip_adapter")

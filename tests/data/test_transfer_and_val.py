@@ -69,3 +69,57 @@ def test_digits_split_is_fixed_disjoint_and_complete():
     assert create_dataset("digits", split="test").labels == test.labels  # deterministic
     with pytest.raises(ValueError, match="split"):
         create_dataset("digits", split="val")
+
+
+# -- nothing is chosen on test images -----------------------------------------------------------------------------
+def fake_imagenet(root, per_class=12, val_per_class=3):
+    from tests.data.test_coop import write_png
+
+    base = root / "imagenet"
+    base.mkdir(parents=True)
+    (base / "classnames.txt").write_text("n01440764 tench\nn01443537 goldfish\nn01484850 great white shark\n")
+    for c, wnid in enumerate(("n01440764", "n01443537", "n01484850")):
+        for k in range(per_class):
+            write_png(base / f"images/train/{wnid}/t{k}.JPEG", 40 * c + k)
+        for k in range(val_per_class):
+            write_png(base / f"images/val/{wnid}/v{k}.JPEG", 40 * c + k)
+    return base
+
+
+def test_a_val_split_that_is_the_test_set_is_replaced_by_held_out_training_images(tmp_path):
+    base = fake_imagenet(tmp_path)
+    dm = FewShotDataModule("imagenet", root=str(tmp_path), val_split="val", shots=2, seed=1)
+    dm.setup()
+    assert dm.val_source.startswith("held-out training images") and "test images" in dm.val_source
+    val_paths = {dm.val_set.describe(i) for i in range(len(dm.val_set))}
+    train_paths = {dm.train_set.describe(i) for i in range(len(dm.train_set))}
+    assert len(val_paths) == 2 * 3 and all("/images/train/" in p for p in val_paths)
+    assert not val_paths & train_paths
+    assert not val_paths & {str(p) for p in (base / "images/val").rglob("*.JPEG")}
+    # a genuine val split stays the validation source
+    shapes = FewShotDataModule("procedural_shapes", shots=2, val_split="val",
+                               dataset_kwargs={"num_per_class": 6, "image_size": 16})
+    shapes.setup()
+    assert shapes.val_source == "val split"
+    # naming the test split as val is caught too
+    same = FewShotDataModule("procedural_shapes", shots=2, val_split="test", dataset_kwargs={"num_per_class": 6})
+    same.setup()
+    assert same.val_source.startswith("held-out training images")
+
+
+def test_the_linear_probe_report_says_where_C_was_chosen(tmp_path):
+    import lightning.pytorch as pl
+
+    from visadapt.adapters import LoRAConfig
+    from visadapt.methods import ClipFewShot
+
+    fake_imagenet(tmp_path / "data")
+    model = ClipFewShot("tiny_open_clip", adapter=LoRAConfig(target="attn_qkv", r=2))
+    dm = FewShotDataModule("imagenet", root=str(tmp_path / "data"), val_split="val", shots=2, seed=1,
+                           augment="none", preprocess=model.preprocess)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, max_steps=1, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    assert model.report["linear_probe_C_chosen_on"].startswith("held-out training images")
+    assert model.report["few_shot"]["validation"] == dm.val_source
+    assert model.report["few_shot"]["draw"] == "coop" and model.report["few_shot"]["val_images"] == 6

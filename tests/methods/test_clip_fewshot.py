@@ -42,7 +42,7 @@ def test_glad_passes_share_batch_and_dropout_mask(tmp_path):
                         glad=GladConfig(rho=0.05, rule="mix", alpha=0.5), eval_baselines=False)
     masks, images = [], []
     layer = adapter_layers(model.model)[0][1]
-    drop = layer.adapters["default"].dropout
+    drop = next(m for m in layer.adapters.modules() if isinstance(m, torch.nn.Dropout))  # one slice's dropout
     drop.register_forward_hook(lambda m, i, o: masks.append((o != 0).clone()))
     model.model.visual.register_forward_pre_hook(lambda m, a: images.append(a[0].clone()))
     trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=0)
@@ -153,7 +153,8 @@ def test_frozen_backbone_stays_in_eval_mode_while_adapters_train():
     model.train()
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and not any(m.training for m in bns)  # pretrained running statistics are not touched
-    drops = [layer.adapters["default"].dropout for _, layer in adapter_layers(model.model)]
+    drops = [m for _, layer in adapter_layers(model.model) for m in layer.adapters.modules()
+             if isinstance(m, torch.nn.Dropout)]
     assert drops and all(d.training for d in drops)  # adapter dropout is active
     backbone_dropout = [m for n, m in model.model.named_modules() if isinstance(m, torch.nn.Dropout)
                         and ".adapters." not in n]
@@ -185,7 +186,7 @@ def test_transfer_targets_are_scored_with_their_own_classes_and_prompts(tmp_path
     # the adapted digits accuracy, recomputed by hand from the target's own images, classes and template
     model.eval()
     with torch.no_grad():
-        batch = next(iter(dm._loader(dm.test_sets["digits"], train=False)))
+        batch = next(iter(dm.test_dataloader()[dm.test_names.index("digits")]))
         text = torch.nn.functional.normalize(model.model.encode_text(
             model.model.tokenize([f'a photo of the number: "{i}".' for i in range(10)])).float(), dim=-1)
         img = torch.nn.functional.normalize(model.model.encode_image(batch["image"]).float(), dim=-1)
@@ -197,7 +198,7 @@ def test_transfer_targets_are_scored_with_their_own_classes_and_prompts(tmp_path
         names = dm.subset_classnames("all")
         text = torch.nn.functional.normalize(model.model.encode_text(
             model.model.tokenize([f"a photo of a {c}." for c in names])).float(), dim=-1)
-        batch = next(iter(dm._loader(model._eval_copy(dm.val_set), train=False)))
+        batch = next(iter(dm.eval_dataloader("val")))
         img = torch.nn.functional.normalize(model.model.encode_image(batch["image"]).float(), dim=-1)
         val = 100.0 * (img @ text.t()).argmax(-1).eq(batch["label"]).float().mean().item()
     assert len(batch["label"]) == len(dm.val_set) == 4 * 5
@@ -225,3 +226,73 @@ def test_validation_and_baselines_do_not_change_the_training_run(tmp_path):
     for other in (train(validate=True, baselines=False), train(validate=False, baselines=True)):
         assert all(torch.equal(ref[n], other[n]) for n in ref)
     assert any(v.abs().sum() > 0 for n, v in ref.items() if "lora_B" in n)  # it did train
+
+
+def test_iters_per_shot_sets_the_training_length_from_k(tmp_path):
+    """CLIP-LoRA trains 500 x K iterations: ``iters_per_shot`` replaces the trainer's max_steps / max_epochs."""
+    for shots in (1, 3):
+        model = ClipFewShot("tiny_open_clip", adapter=LoRAConfig(target="attn_qkv", r=2), eval_baselines=False,
+                            iters_per_shot=2)
+        trainer = make_trainer(tmp_path, max_epochs=50, limit_val_batches=0)  # 50 epochs would be many more steps
+        trainer.fit(model, make_data(model, shots=shots))
+        assert trainer.global_step == 2 * shots == model.report["steps"] == model.report["max_steps"]
+        assert trainer.max_steps == 2 * shots
+    with pytest.raises(ValueError, match="iters_per_shot"):
+        ClipFewShot("tiny_open_clip", iters_per_shot=0)
+
+
+def test_report_names_the_zero_shot_templates_and_the_draw(tmp_path):
+    model = ClipFewShot("tiny_open_clip", adapter=LoRAConfig(target="attn_qkv", r=2), templates=["a {} photo."])
+    dm = make_data(model, targets={"digits": {"dataset": "digits"}}, test_per_class=2)
+    make_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(model, dm)
+    assert model.report["zeroshot_templates"] == {"all": ["a {} photo."], "digits": ["a {} photo."]}
+    default = ClipFewShot("tiny_open_clip", adapter=LoRAConfig(target="attn_qkv", r=2))
+    dm = make_data(default, targets={"digits": {"dataset": "digits"}}, test_per_class=2, draw="clip_lora")
+    make_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(default, dm)
+    # each dataset's CoOp template when none is given; the digits target keeps its own
+    assert default.report["zeroshot_templates"] == {"all": default_templates("procedural_shapes", False),
+                                                    "digits": ['a photo of the number: "{}".']}
+    assert default.report["few_shot"]["draw"] == "clip_lora"
+
+
+def test_the_module_uses_only_the_public_datamodule_interface(tmp_path):
+    """ClipFewShot reads its data through the FewShotData protocol: a datamodule whose private helpers are gone
+    still works, and the method file calls no private datamodule method."""
+    import inspect
+
+    import visadapt.methods.clip_fewshot as mod
+    from visadapt.data.datamodule import FewShotData
+
+    src = inspect.getsource(mod)
+    assert "._loader(" not in src and "_eval_copy" not in src
+    model = ClipFewShot("tiny_open_clip", adapter=LoRAConfig(target="attn_qkv", r=2))
+    dm = make_data(model)
+    dm.setup()
+    assert isinstance(dm, FewShotData)
+    real_loader = dm._loader
+    calls = []
+    dm._loader = lambda *a, **k: (calls.append(1), real_loader(*a, **k))[1]  # used only inside the datamodule
+    make_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(model, dm)
+    assert model.report["linear_probe_C_chosen_on"] == "held-out training images"
+    assert "adapted" in model.report and calls  # went through the datamodule's public loaders
+
+
+def test_paper_configs_use_their_papers_templates_draw_and_budget():
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "paper" / "clip_fewshot"
+    files = sorted(root.glob("*.yaml"))
+    assert len(files) >= 6
+    for f in files:
+        cfg = yaml.safe_load(f.read_text())
+        model, data, trainer = cfg["model"]["init_args"], cfg["data"]["init_args"], cfg["trainer"]
+        # CLIP-LoRA's code: "a photo of a {}." for every dataset (transfer targets included)
+        assert model["templates"] == ["a photo of a {}."], f.name
+        assert model["iters_per_shot"] == 500 and "max_steps" not in trainer, f.name  # 500 x K, also in sweeps
+        if f.name.startswith("glad"):  # base-to-novel: CoCoOp's protocol, CoOp/Dassl's draw; GLAD's default rule
+            assert (data["draw"], data["short_classes"]) == ("coop", "keep"), f.name
+            assert model["glad"]["rule"] == "project" and model["glad"]["alpha"] == 0.0
+        else:
+            assert (data["draw"], data["short_classes"]) == ("clip_lora", "repeat"), f.name

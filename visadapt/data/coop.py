@@ -24,6 +24,9 @@ EuroSAT's folder names are expanded (``AnnualCrop`` -> ``Annual Crop Land``) whe
 ImageNet has no split file: train is ``images/train``, and the official 50k ``images/val`` is the test set and also
 the val set (``split="val"`` and ``split="test"`` read the same images). FGVCAircraft uses the original
 ``variants.txt`` (label order) and ``images_variant_<split>.txt`` (``<image id> <variant name>`` per line).
+
+``coop_split`` reads users' own datasets in this format: any ``split_zhou_*.json`` plus its image folder, class
+names taken from the file.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from pathlib import Path
 
 from visadapt.data._registry import register_dataset
 from visadapt.data.imagefolder import SPLITS, ImageFileDataset, list_class_folders, list_images
-from visadapt.data.templates import get_templates
+from visadapt.data.templates import canonical_name, get_templates
 
 EUROSAT_CLASSNAMES = {
     "AnnualCrop": "Annual Crop Land",
@@ -226,3 +229,77 @@ def _register(layout: CoOpLayout) -> None:
 
 for _layout in LAYOUTS.values():
     _register(_layout)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Users' own datasets in CoOp's format
+# ---------------------------------------------------------------------------------------------------------------
+def find_split_file(root: Path, split_file: str | None) -> Path:
+    """The ``split_zhou_*.json`` to read: ``split_file`` (a path, or a name inside ``root``), else the only one."""
+    if split_file is not None:
+        for candidate in (Path(split_file).expanduser(), root / split_file):
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(f"coop_split: split file {split_file} not found (also looked in {root})")
+    if root.is_file():
+        return root
+    found = sorted(root.glob("split_zhou_*.json")) if root.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise FileNotFoundError(f"coop_split: no split_zhou_*.json in {root}; pass split_file=<path or name>")
+    raise ValueError(f"coop_split: {root} holds several split files ({', '.join(p.name for p in found)}); choose "
+                     "one with split_file=<name>")
+
+
+def find_image_dir(dataset_dir: Path, first_path: str, image_dir: str | None) -> Path:
+    """The folder the split file's paths are relative to: ``image_dir`` if given, else the dataset folder or the one
+    of its sub-folders (one level down) that holds the first listed image."""
+    if image_dir is not None:
+        folder = Path(image_dir).expanduser()
+        folder = folder if folder.is_absolute() else dataset_dir / folder
+        if not folder.is_dir():
+            raise FileNotFoundError(f"coop_split: image_dir {folder} is not a folder")
+        return folder
+    candidates = [dataset_dir, *sorted(p for p in dataset_dir.iterdir() if p.is_dir() and not p.name.startswith("."))]
+    for folder in candidates:
+        if (folder / first_path).is_file():
+            return folder
+    raise FileNotFoundError(f"coop_split: the first image of the split file, {first_path}, is neither in {dataset_dir} "
+                            "nor in one of its sub-folders; pass image_dir=<folder the paths are relative to>")
+
+
+@register_dataset("coop_split")
+def coop_split(root: str, split: str = "train", split_file: str | None = None, image_dir: str | None = None,
+               name: str | None = None, transform: Callable | None = None, on_bad_image: str = "raise") -> CoOpDataset:
+    """Any dataset in CoOp's format: a ``split_zhou_<Name>.json`` plus its image folder; class names from the file.
+
+    Args:
+        root: Dataset folder (holding the split file and the images), or the split file itself.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        split_file: Split file (a path, or a name inside ``root``); default: the only ``split_zhou_*.json`` in root.
+        image_dir: Folder the file's paths are relative to (absolute, or relative to the dataset folder); default:
+            the dataset folder or the sub-folder that holds the first listed image.
+        name: Dataset name for the prompt template (a CoOp name such as ``EuroSAT`` picks CoOp's template); default:
+            ``<Name>`` of ``split_zhou_<Name>.json``. Unknown names get ``a photo of a {}.``.
+        transform: Applied to each PIL image.
+        on_bad_image: ``"raise"`` (default) or ``"skip"`` undecodable images.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"coop_split: split must be one of {SPLITS}, got {split!r}")
+    path = find_split_file(Path(root).expanduser(), split_file)
+    try:
+        data = json.loads(path.read_text())
+        rows = {s: [(str(p), int(y), str(c)) for p, y, c in data[s]] for s in SPLITS}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a CoOp split file ({{'train'|'val'|'test': [[path, label, classname], "
+                         f"...]}}): {e!r}") from e
+    classnames = classnames_by_label([(c, y) for s in SPLITS for _, y, c in rows[s]], path)
+    first = next((p for s in SPLITS for p, _, _ in rows[s]), None)
+    if first is None:
+        raise ValueError(f"{path}: the split file lists no image")
+    folder = find_image_dir(path.parent, first, image_dir)
+    stem = path.stem[len("split_zhou_"):] if path.stem.startswith("split_zhou_") else path.stem
+    ds_name = canonical_name(name or stem)
+    return CoOpDataset([folder / p for p, _, _ in rows[split]], [y for _, y, _ in rows[split]], classnames, ds_name,
+                       split, transform, on_bad_image)

@@ -10,10 +10,16 @@ During ``fit`` the module also measures, on every test subset of the datamodule:
 
 * ``zeroshot``: the pretrained model (adapters disabled) with the template ensemble when ``eval_ensemble``;
 * ``class_mean``: a nearest-class-mean classifier on frozen image features of the K-shot training images;
-* ``linear_probe``: logistic regression on the same features (``C`` chosen on the few-shot validation split);
+* ``linear_probe``: logistic regression on the same features (``C`` chosen on the validation images, which are
+  never test images: where a dataset's val split is its test set, they are held-out training images; the report
+  says which under ``linear_probe_C_chosen_on``);
 * ``adapted``: the final (last-step) adapted model — nothing is selected on test data.
 
-These numbers go to the run's report (``report.json`` / ``report.md``) and to the logger.
+These numbers go to the run's report (``report.json`` / ``report.md``) and to the logger, with the templates each
+test set's zero-shot row used (``zeroshot_templates``) and the few-shot draw (``few_shot``).
+
+The training length can follow the shot count: ``iters_per_shot`` sets ``max_steps = iters_per_shot x K`` (CLIP-LoRA
+trains 500 x K iterations), in ``fit`` and in every cell of a ``sweep`` over shots.
 """
 
 from __future__ import annotations
@@ -29,13 +35,16 @@ from tqdm.auto import tqdm
 
 from visadapt.adapters import AdapterConfig, adapter_layers, disable_adapters, inject
 from visadapt.backbones import Backbone, DualEncoder, build_backbone, to_device
-from visadapt.methods.base import AdapterModule
+from visadapt.data.datamodule import FewShotData
+from visadapt.methods.base import AdapterModule, PlainKwargs
 from visadapt.methods.glad import GladConfig, combine, cosine, perturbation
+from visadapt.metrics import top1
 from visadapt.report import write_report
 
 
 def _top1(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100.0 * scores.argmax(-1).eq(labels).float().mean().item()
+    """Top-1 in percent (the report's unit)."""
+    return top1(scores, labels, percent=True)
 
 
 def config_to_dict(config: Any) -> dict[str, Any] | None:
@@ -73,12 +82,14 @@ class ClipFewShot(AdapterModule):
         schedule: Built-in schedule (``cosine`` or ``constant``).
         warmup_steps: Warm-up steps of the built-in schedule.
         min_lr: Final learning rate of the cosine schedule.
+        iters_per_shot: Train for ``iters_per_shot x K`` optimiser steps (K = the datamodule's ``shots``), replacing
+            the trainer's ``max_steps`` and ``max_epochs``; CLIP-LoRA's budget is 500. ``None`` keeps the trainer's.
     """
 
     def __init__(
         self,
         backbone: str = "devise_effnet_minilm",
-        backbone_kwargs: dict[str, Any] | None = None,
+        backbone_kwargs: PlainKwargs | None = None,
         adapter: AdapterConfig | None = None,
         templates: list[str] | None = None,
         eval_ensemble: bool = False,
@@ -91,8 +102,12 @@ class ClipFewShot(AdapterModule):
         schedule: str = "cosine",
         warmup_steps: int = 0,
         min_lr: float = 1e-6,
+        iters_per_shot: int | None = None,
     ) -> None:
         super().__init__(optimizer, lr_scheduler, schedule, warmup_steps, min_lr)
+        if iters_per_shot is not None and iters_per_shot < 1:
+            raise ValueError(f"model.iters_per_shot must be >= 1 (or null), got {iters_per_shot}")
+        self.iters_per_shot = iters_per_shot
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "adapter", "glad"])
         # configs as plain class_path/init_args dicts: checkpoints stay loadable with weights_only=True
         self.hparams["adapter"] = config_to_dict(adapter)
@@ -122,8 +137,23 @@ class ClipFewShot(AdapterModule):
 
     # -- text side ------------------------------------------------------------------------------------------------
     @property
-    def datamodule(self):
+    def datamodule(self) -> FewShotData:
+        """The trainer's datamodule; it must offer the :class:`~visadapt.data.datamodule.FewShotData` interface."""
         return self.trainer.datamodule
+
+    def setup(self, stage: str) -> None:
+        """Apply ``iters_per_shot`` before the optimiser and its schedule are built (they read ``max_steps``)."""
+        if stage != "fit" or self.iters_per_shot is None:
+            return
+        shots = self.datamodule.shots
+        if shots < 1:
+            raise ValueError(f"model.iters_per_shot needs data.shots >= 1 (K), got shots={shots}")
+        if self.trainer.fast_dev_run:  # a smoke test keeps its single step
+            return
+        steps = self.iters_per_shot * shots
+        self.trainer.fit_loop.epoch_loop.max_steps = steps  # what trainer.max_steps reads
+        self.trainer.fit_loop.max_epochs = -1
+        self.report["max_steps"] = steps
 
     def _templates(self, ensemble: bool, dataset: str | None = None) -> list[str]:
         if self.templates:
@@ -206,7 +236,7 @@ class ClipFewShot(AdapterModule):
         with torch.no_grad():
             for p, e in zip(params, eps):
                 p.sub_(e)
-            for p, d in zip(params, combine(g, g_sam, self.glad.rule, self.glad.alpha)):
+            for p, d in zip(params, combine(g, g_sam, self.glad.rule, self.glad.alpha, self.glad.granularity)):
                 p.grad = d
         opt.step()
         sched = self.lr_schedulers()
@@ -219,13 +249,13 @@ class ClipFewShot(AdapterModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         text = self.text_features(self.datamodule.subset_classnames(self.datamodule.train_classes))
-        acc = (self.logits(batch["image"], text).argmax(-1) == batch["label"]).float().mean()
+        acc = top1(self.logits(batch["image"], text), batch["label"])
         self.log("val_acc", acc, prog_bar=True, batch_size=len(batch["label"]), sync_dist=True)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         subset = self.datamodule.test_names[dataloader_idx]
         text = self.test_text(subset)
-        acc = (self.logits(batch["image"], text).argmax(-1) == batch["label"]).float().mean()
+        acc = top1(self.logits(batch["image"], text), batch["label"])
         self.log(f"test_acc_{subset}", acc, batch_size=len(batch["label"]), add_dataloader_idx=False, sync_dist=True)
 
     # -- whole-set evaluation used for the report -----------------------------------------------------------------
@@ -264,15 +294,10 @@ class ClipFewShot(AdapterModule):
             return None
         was_training = self.training
         self.eval()
-        feats, labels = self.image_features(dm._loader(self._eval_copy(dm.val_set), train=False), "adapted val")
+        feats, labels = self.image_features(dm.eval_dataloader("val"), "adapted val")
         text = self.text_features(dm.subset_classnames(dm.train_classes))
         self.train(was_training)
         return _top1(feats @ text.t(), labels)
-
-    def _eval_copy(self, ds):
-        view = ds.subset(range(len(ds)))
-        view.transform = self.datamodule.eval_transform
-        return view
 
     @torch.no_grad()
     def frozen_baselines(self) -> dict[str, dict[str, float]]:
@@ -281,7 +306,8 @@ class ClipFewShot(AdapterModule):
         * ``zeroshot``: text classifier from the prompts (template ensemble when ``eval_ensemble``);
         * ``class_mean``: nearest normalised class mean of the K-shot image features (eval transform);
         * ``linear_probe``: multinomial logistic regression on the K-shot features, its inverse regularisation
-          ``C`` picked on the few-shot validation split from {0.1, 1, 10, 100} (never on test).
+          ``C`` picked from {0.1, 1, 10, 100} on the validation images (never test images: the datamodule takes
+          them from held-out training images where a val split is the test set).
 
         The two feature baselines exist only on the subset whose classes were trained (``all``, or ``base`` in
         base-to-novel); transfer targets get the zero-shot baseline only.
@@ -295,8 +321,8 @@ class ClipFewShot(AdapterModule):
         was_training = self.training
         self.eval()
         with disable_adapters(self.model):
-            tr_f, tr_y = self.image_features(dm._loader(self._eval_copy(dm.train_set), train=False), "K-shot features")
-            va_f, va_y = self.image_features(dm._loader(self._eval_copy(dm.val_set), train=False), "val features")
+            tr_f, tr_y = self.image_features(dm.eval_dataloader("train"), "K-shot features")
+            va_f, va_y = self.image_features(dm.eval_dataloader("val"), "val features")
             n = len(dm.subset_classes(dm.train_classes))
             onehot = F.one_hot(tr_y, n).float()  # sums / counts: a class absent from a truncated run stays 0
             means = F.normalize((onehot.t() @ tr_f) / onehot.sum(0).clamp_min(1).unsqueeze(1), dim=-1)
@@ -306,9 +332,12 @@ class ClipFewShot(AdapterModule):
                 if len(yv):
                     fits = [LogisticRegression(C=c, max_iter=2000).fit(x, y) for c in (0.1, 1.0, 10.0, 100.0)]
                     probe = max(fits, key=lambda m: (m.score(xv, yv), -m.C))  # ties: the stronger regulariser
+                    chosen_on = dm.val_source
                 else:  # no validation images to choose C on: sklearn's default
                     probe = LogisticRegression(C=1.0, max_iter=2000).fit(x, y)
+                    chosen_on = "not chosen (no validation image): sklearn's default C=1"
                 self.report["linear_probe_C"] = probe.C
+                self.report["linear_probe_C_chosen_on"] = chosen_on
             for subset, loader in zip(dm.test_names, dm.test_dataloader()):
                 f, y = self.image_features(loader, f"frozen {subset}")
                 text = self.test_text(subset, self.eval_ensemble)
@@ -317,7 +346,7 @@ class ClipFewShot(AdapterModule):
                     out["class_mean"][subset] = _top1(f @ means.t(), y)
                     if probe is not None:
                         pred = torch.as_tensor(probe.predict(f.cpu().numpy()), device=y.device)
-                        out["linear_probe"][subset] = 100.0 * pred.eq(y).float().mean().item()
+                        out["linear_probe"][subset] = _top1(pred, y)
         self._text_cache.clear()  # text features of the disabled model must not serve the adapted one
         self.train(was_training)
         return {k: v for k, v in out.items() if v}
@@ -326,14 +355,25 @@ class ClipFewShot(AdapterModule):
         from visadapt.adapters import count_parameters
 
         trainable, total = count_parameters(self.model)
+        dm = self.datamodule
         self.report.update(trainable_params=trainable, total_params=total,
                            adapter=None if self.adapter_cfg is None else type(self.adapter_cfg).__name__)
+        split = dm.split
+        self.report["few_shot"] = {"draw": split.draw, "shots": split.shots, "seed": split.seed,
+                                   "short_classes": split.short_classes, "validation": dm.val_source,
+                                   "train_images": len(split.train), "val_images": len(split.val)}
+        if split.shots_used:  # classes that got fewer distinct images than asked: {class: [train, val]}
+            names = dm.subset_classnames("all")
+            self.report["few_shot"]["shots_used"] = {names[int(c)]: n for c, n in split.shots_used.items()}
+        self.report["zeroshot_templates"] = {
+            name: self._templates(self.eval_ensemble, dm.test_dataset_name(name)) for name in dm.test_names}
         if self.eval_baselines:
             self.report.update(self.frozen_baselines())
         self._fit_started = time.perf_counter()
 
     def on_fit_end(self) -> None:
-        self.report["train_seconds"] = round(time.perf_counter() - self._fit_started, 2)
+        self.report["train_seconds"] = round(self.resumed_train_seconds + time.perf_counter() - self._fit_started, 2)
+        self.report["steps"] = self.global_step
         self._text_cache.clear()
         self.report["adapted"] = self.evaluate("adapted")
         self.report["adapted_val_acc"] = self.validation_accuracy()

@@ -12,6 +12,10 @@ and an average column over datasets:
 * ``transfer`` (cross-dataset and domain generalisation): train on the source as in ``fewshot`` and score the
   transfer targets of ``data.init_args.targets``; one column per target and their average (the source column is
   not part of the average, as in CoOp's tables).
+
+The sweep does not know how to run a cell: the CLI passes its runner in (``runner``: fit arguments -> the finished
+LightningCLI, whose ``model.report`` is kept), so that this protocol layer never imports the CLI. A task whose model
+sets ``iters_per_shot`` trains ``iters_per_shot x K`` steps in each cell (CLIP-LoRA's 500 x K).
 """
 
 from __future__ import annotations
@@ -19,15 +23,17 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from jsonargparse import CLI
+from jsonargparse import ArgumentParser
 
+from visadapt.metrics import harmonic_mean
 
-def harmonic_mean(base: float, novel: float) -> float:
-    """HM = 2BN / (B + N); 0 when both are 0."""
-    return 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
+Runner = Callable[[list[str]], Any]
+"""Runs ``python -m visadapt`` with the given arguments and returns the finished LightningCLI."""
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -72,7 +78,7 @@ class Cell:
 
 def sweep(task: str, shots: list[int] = [1, 2, 4, 8, 16], seeds: list[int] = [1, 2, 3],  # noqa: B006
           datasets: list[str] | None = None, protocol: str = "fewshot", out: str = "runs/sweeps/sweep",
-          overrides: list[str] | None = None) -> dict:
+          overrides: list[str] | None = None, runner: Runner | None = None) -> dict:
     """Run the task ``task`` over shots x seeds (x datasets) and write ``table.csv`` / ``table.md`` under ``out``.
 
     Args:
@@ -84,11 +90,14 @@ def sweep(task: str, shots: list[int] = [1, 2, 4, 8, 16], seeds: list[int] = [1,
             (train on the source, score the task's ``data.init_args.targets``).
         out: Sweep folder: cell runs, ``cells/*.json`` (finished cells) and the tables.
         overrides: Extra ``fit`` arguments for every cell, e.g. ``["--trainer.max_epochs=2"]``.
+        runner: Runs one cell from its command-line arguments and returns the finished LightningCLI (the CLI passes
+            ``visadapt.cli.cli_main``; from Python, pass it yourself).
     """
     import yaml
 
-    from visadapt.cli import cli_main
-
+    if runner is None:
+        raise TypeError("sweep() needs runner=: the function that runs one fit from its arguments, e.g. "
+                        "visadapt.cli.cli_main (python -m visadapt sweep passes it)")
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     task_cfg = yaml.safe_load(Path(task).read_text())
@@ -111,7 +120,7 @@ def sweep(task: str, shots: list[int] = [1, 2, 4, 8, 16], seeds: list[int] = [1,
             args.append(f"--data.init_args.dataset={cell.dataset}")
         if protocol == "base2novel":
             args += ["--data.init_args.train_classes=base", "--data.init_args.eval_subsets=[base, novel]"]
-        cli = cli_main(args + list(overrides or []))
+        cli = runner(args + list(overrides or []))
         report = dict(cli.model.report)
         done.write_text(json.dumps({"cell": cell.__dict__, "report": report}, indent=1, default=str))
     return write_tables(out_dir, cells, protocol)
@@ -181,6 +190,13 @@ def write_tables(out_dir: Path, cells: list[Cell], protocol: str) -> dict:
     return table
 
 
-def sweep_main(args: list[str] | None = None) -> dict:
-    """Entry point of ``python -m visadapt sweep``."""
-    return CLI(sweep, args=args, parser_mode="yaml", prog="python -m visadapt sweep")
+def sweep_main(args: list[str] | None = None, runner: Runner | None = None) -> dict:
+    """Entry point of ``python -m visadapt sweep``; ``runner`` runs one cell (the CLI passes its own)."""
+    if runner is None:
+        raise TypeError("sweep_main() needs runner=, e.g. visadapt.cli.cli_main")
+    parser = ArgumentParser(prog="python -m visadapt sweep", description=(sweep.__doc__ or "").split("\n\n")[0],
+                            parser_mode="yaml")
+    parser.add_function_arguments(sweep, skip={"runner"}, as_positional=True)
+    cfg = parser.parse_args(args)
+    kwargs = {k: v for k, v in vars(parser.instantiate_classes(cfg)).items() if not k.startswith("__")}
+    return sweep(**kwargs, runner=runner)
