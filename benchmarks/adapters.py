@@ -297,6 +297,8 @@ def _has_peft() -> bool:
     try:
         import peft  # noqa: F401
     except ImportError:
+        print("benchmarks/adapters.py: peft is not installed (it is in the dev extra: pip install -e '.[dev]'); "
+              "the PEFT LoRA rows are left out", file=sys.stderr)
         return False
     return True
 
