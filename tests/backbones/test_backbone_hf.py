@@ -77,12 +77,13 @@ def test_tiny_hf_clip_and_folder_round_trip(tmp_path) -> None:
         torch.testing.assert_close(loaded.encode_text(tokens["input_ids"]), text_features, atol=1e-6, rtol=0)
 
 
-def test_hf_clip_without_tokenizer_files_uses_bundled_bpe(tmp_path, capsys) -> None:
+def test_hf_clip_without_tokenizer_files_uses_bundled_bpe(tmp_path, caplog) -> None:
     folder = save_tiny_hf("clip", tmp_path / "clip", seed=0)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (folder / name).unlink()
-    loaded = build_backbone("hf_clip", model_dir=str(folder))
-    assert "bundled with open_clip" in capsys.readouterr().out
+    with caplog.at_level("WARNING", logger="visadapt.backbones.hf"):
+        loaded = build_backbone("hf_clip", model_dir=str(folder))
+    assert "bundled with open_clip" in caplog.text
     assert loaded.model.tokenize(TEXTS)["input_ids"].shape == (2, 77)
 
 

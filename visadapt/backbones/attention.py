@@ -21,6 +21,7 @@ State dicts written before normalisation still load: a load hook renames ``in_pr
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from typing import Any
@@ -30,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["FusedQKVAttention", "matching_presets", "normalize_attention", "split_slice_suffix"]
+
+log = logging.getLogger(__name__)
 
 _RENAMES = {
     "in_proj_weight": "qkv.weight",
@@ -317,7 +320,8 @@ def normalize_attention(model: nn.Module, strict: bool = False, verbose: bool = 
     Args:
         model: The model to change in place.
         strict: Raise instead of skipping attention modules that cannot be converted.
-        verbose: Print how many modules were replaced and which were skipped.
+        verbose: Log (INFO, logger ``visadapt.backbones.attention``) how many modules were replaced and which
+            were skipped.
 
     Returns:
         The number of modules replaced.
@@ -351,9 +355,9 @@ def normalize_attention(model: nn.Module, strict: bool = False, verbose: bool = 
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         replaced += 1
     if verbose:
-        print(f"normalize_attention: replaced {replaced} attention module(s) with fused qkv/proj Linears")
+        log.info("normalize_attention: replaced %d attention module(s) with fused qkv/proj Linears", replaced)
         for s in skipped:
-            print(f"normalize_attention: skipped {s}")
+            log.info("normalize_attention: skipped %s", s)
     return replaced
 
 

@@ -21,6 +21,7 @@ Pitfalls handled here (see ``reference/style_and_ecosystem.md`` §4.6):
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import warnings
@@ -36,6 +37,8 @@ from visadapt.backbones._registry import register_backbone
 from visadapt.backbones.attention import matching_presets
 from visadapt.backbones.attention import normalize_attention as _normalize_attention
 from visadapt.backbones.base import Backbone, DualEncoder, Preprocess
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "OPEN_CLIP_PRESETS",
@@ -163,7 +166,7 @@ def _torchscript_to_safetensors(path: Path, out_dir: str) -> str:
     """Convert a TorchScript archive (the original OpenAI release) to a safetensors state dict."""
     from safetensors.torch import save_file
 
-    print(f"open_clip: {path.name} is a TorchScript archive; reading its weights with torch.jit.load")
+    log.info("open_clip: %s is a TorchScript archive; reading its weights with torch.jit.load", path.name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch 2.10+ marks TorchScript as deprecated
@@ -306,10 +309,8 @@ def open_clip_backbone(
     if quick_gelu is None:
         quick_gelu = _auto_quick_gelu(name, kind, oc_pretrained, label)
         if quick_gelu:
-            print(
-                f"open_clip: using QuickGELU activations for {label} (OpenAI-trained weights need them; "
-                "pass quick_gelu=False to keep GELU)"
-            )
+            log.warning("open_clip: using QuickGELU activations for %s (OpenAI-trained weights need them; "
+                        "pass quick_gelu=False to keep GELU)", label)
     if quick_gelu:
         force_quick_gelu = True
     elif quick_gelu is False:
