@@ -95,7 +95,10 @@ def make_peft(rank: int) -> nn.Module:
     return model
 
 
-def configurations(rank: int, with_peft: bool) -> dict[str, tuple[str, Callable[[], nn.Module]]]:
+def configurations(
+    rank: int, with_peft: bool, only: list[str] | None = None
+) -> dict[str, tuple[str, Callable[[], nn.Module]]]:
+    """Key -> (label, builder); ``only`` keeps those keys (and ``frozen``, the reference)."""
     configs = {
         "frozen": ("backbone frozen, head trained", make_frozen),
         "full": ("full fine-tuning", make_full),
@@ -108,8 +111,12 @@ def configurations(rank: int, with_peft: bool) -> dict[str, tuple[str, Callable[
             make_visadapt(LoRAConfig(QV, r=rank, alpha=rank)),
         ),
         "visadapt_block_lora_qv": (
-            f"visadapt Block-LoRA r={rank} n=4 on q,v",
+            f"visadapt Block-LoRA r={rank} n=4 on q,v (shared form)",
             make_visadapt(BlockLoRAConfig(QV, r=rank, alpha=rank, n_blocks=4)),
+        ),
+        "visadapt_block_lora_arms_qv": (
+            f"visadapt Block-LoRA r={rank} n=4 on q,v (literal arms)",
+            make_visadapt(BlockLoRAConfig(QV, r=rank, alpha=rank, n_blocks=4, form="arms")),
         ),
         "visadapt_comp_lora_qv": (
             f"visadapt Comp-LoRA r={rank} k={rank} on q,v",
@@ -118,6 +125,11 @@ def configurations(rank: int, with_peft: bool) -> dict[str, tuple[str, Callable[
     }
     if with_peft:
         configs["peft_lora_qkv"] = (f"PEFT LoRA r={rank} on whole qkv", lambda: make_peft(rank))
+    if only:
+        unknown = sorted(set(only) - set(configs))
+        if unknown:
+            raise SystemExit(f"--only: unknown configuration(s) {unknown}; choose from {sorted(configs)}")
+        configs = {k: v for k, v in configs.items() if k in only or k == "frozen"}
     return configs
 
 
@@ -151,8 +163,8 @@ def saved_activation_bytes(model: nn.Module, step: Callable[[], None]) -> int:
 
 
 def bench_training(args, device: torch.device) -> dict:
-    with_peft = _has_peft()
-    configs = configurations(args.rank, with_peft)
+    with_peft = _has_peft() and (not args.only or "peft_lora_qkv" in args.only)
+    configs = configurations(args.rank, with_peft, args.only)
     x = torch.randn(args.batch_size, 3, 224, 224, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
     runs = {}
@@ -258,9 +270,15 @@ def bench_layer(args, device: torch.device) -> dict:
         return layer.to(device)
 
     impls["frozen_linear"] = fresh().requires_grad_(False)
-    for key, target in [("visadapt_lora_qkv", "qkv"), ("visadapt_lora_qv", "qkv[q,v]")]:
+    r = args.rank
+    for key, config in [
+        ("visadapt_lora_qkv", LoRAConfig("qkv", r=r, alpha=r)),
+        ("visadapt_lora_qv", LoRAConfig("qkv[q,v]", r=r, alpha=r)),
+        ("visadapt_block_lora_qv", BlockLoRAConfig("qkv[q,v]", r=r, alpha=r, n_blocks=4)),
+        ("visadapt_block_lora_arms_qv", BlockLoRAConfig("qkv[q,v]", r=r, alpha=r, n_blocks=4, form="arms")),
+    ]:
         layer = fresh()
-        inject(layer, LoRAConfig(target, r=args.rank, alpha=args.rank), verbose=False)
+        inject(layer, config, verbose=False)
         impls[key] = layer
     if _has_peft():
         import peft
@@ -353,22 +371,60 @@ def report(results: dict) -> str:
         ms = value["fwd_bwd_ms_median"]
         overhead = _ratio(ms - base_ms, peft_ms - base_ms if peft_ms else None) if key != "frozen_linear" else "-"
         lines.append(f"| {key} | {ms:.1f} | {_ratio(ms, peft_ms)} | {overhead} |")
+    lines += block_lora_table(results)
     lines += ["", "targets:"] + [f"  {'met ' if ok else 'MISSED'}  {text}" for text, ok in results["targets"]]
     return "\n".join(lines)
+
+
+def block_lora_table(results: dict) -> list[str]:
+    """Block-LoRA (both forms) against LoRA at the same r on the same q,v slices: parameters and time, ratios."""
+    train, layer = results["training"], results["layer"]
+    head = train["frozen"]["trainable_params"]
+    lora = train.get("visadapt_lora_qv")
+    if lora is None:
+        return []
+    base_ms = layer["frozen_linear"]["fwd_bwd_ms_median"]
+    lora_ms = layer["visadapt_lora_qv"]["fwd_bwd_ms_median"]
+    lines = [
+        "",
+        f"Block-LoRA against LoRA at the same r={results['rank']} on the q,v slices (ratios to LoRA)",
+        "",
+        "| configuration | adapter params | ratio | model step s | ratio | qkv layer fwd+bwd ms | ratio |"
+        " adapter overhead ms | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key in ("visadapt_lora_qv", "visadapt_block_lora_qv", "visadapt_block_lora_arms_qv"):
+        if key not in train:
+            continue
+        run, ms = train[key], layer[key]["fwd_bwd_ms_median"]
+        params = run["trainable_params"] - head
+        lines.append(
+            f"| {run['label']} | {params:,} | {_ratio(params, lora['trainable_params'] - head)} | "
+            f"{run['step_s_median']:.3f} | {_ratio(run['step_s_median'], lora['step_s_median'])} | {ms:.1f} | "
+            f"{_ratio(ms, lora_ms)} | {ms - base_ms:.1f} | {_ratio(ms - base_ms, lora_ms - base_ms)} |"
+        )
+    return lines
 
 
 def check_targets(results: dict) -> list[tuple[str, bool]]:
     train, inf = results["training"], results["inference"]
     checks = []
-    if "peft_lora_qkv" in train:
-        ratio = train["visadapt_lora_qkv"]["step_s_median"] / train["peft_lora_qkv"]["step_s_median"]
-        checks.append((f"visadapt LoRA (whole qkv) step / PEFT LoRA step = {ratio:.3f} <= 1.00", ratio <= 1.0))
-        ratio = train["visadapt_lora_qv"]["step_s_median"] / train["peft_lora_qkv"]["step_s_median"]
-        checks.append((f"visadapt LoRA (q,v slices) step / PEFT LoRA step = {ratio:.3f} <= 1.00", ratio <= 1.0))
+    for key, what in (("visadapt_lora_qkv", "whole qkv"), ("visadapt_lora_qv", "q,v slices")):
+        if "peft_lora_qkv" in train and key in train:
+            ratio = train[key]["step_s_median"] / train["peft_lora_qkv"]["step_s_median"]
+            checks.append((f"visadapt LoRA ({what}) step / PEFT LoRA step = {ratio:.3f} <= 1.00", ratio <= 1.0))
     ratio = inf["visadapt_merged"]["forward_s_median"] / inf["plain"]["forward_s_median"]
     checks.append((f"merged inference / plain = {ratio:.3f} <= 1.03", ratio <= 1.03))
-    block, lora = train["visadapt_block_lora_qv"]["trainable_params"], train["visadapt_lora_qv"]["trainable_params"]
-    checks.append((f"Block-LoRA trainable {block:,} < LoRA trainable {lora:,} (same r, same layers)", block < lora))
+    if "visadapt_block_lora_qv" in train and "visadapt_lora_qv" in train:
+        block, lora = train["visadapt_block_lora_qv"], train["visadapt_lora_qv"]
+        checks.append((f"Block-LoRA trainable {block['trainable_params']:,} < LoRA trainable "
+                       f"{lora['trainable_params']:,} (same r, same layers)",
+                       block["trainable_params"] < lora["trainable_params"]))
+        ratio = block["step_s_median"] / lora["step_s_median"]
+        checks.append((f"Block-LoRA step / LoRA step (same r) = {ratio:.3f} <= 1.00", ratio <= 1.0))
+    layer = results["layer"]
+    ratio = layer["visadapt_block_lora_qv"]["fwd_bwd_ms_median"] / layer["visadapt_lora_qv"]["fwd_bwd_ms_median"]
+    checks.append((f"Block-LoRA qkv layer fwd+bwd / LoRA's (same r) = {ratio:.3f} < 1.00", ratio < 1.0))
     return checks
 
 
@@ -382,6 +438,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--only", type=lambda v: [k for k in v.split(",") if k], default=None,
+                        help="comma-separated training configurations to run (frozen always runs), e.g. "
+                             "visadapt_lora_qv,visadapt_block_lora_qv,visadapt_block_lora_arms_qv")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "adapters.json")
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
