@@ -368,3 +368,27 @@ def test_no_module_level_warning_filter_in_the_source():
                     "filterwarnings", "simplefilter") and id(node) not in scoped:
                 bad.append(f"{_rel(path)}:{node.lineno}")
     assert not bad, f"warning filters outside warnings.catch_warnings(): {bad}"
+
+
+def test_eval_mode_notice_is_hidden_only_inside_the_cli(monkeypatch):
+    """Lightning's "modules in eval mode" notice (noise for visadapt's frozen backbones) is filtered while
+    ``cli_main`` runs, and only then: the filter is gone afterwards."""
+    import warnings
+
+    import visadapt.cli as cli
+    from visadapt.methods.base import EVAL_MODE_NOTICE
+
+    notice = "Found 12 module(s) in eval mode at the start of training. This may lead to unexpected behavior"
+    assert ast.literal_eval(repr(EVAL_MODE_NOTICE)) == EVAL_MODE_NOTICE
+
+    def fake_list(argv):
+        warnings.warn(notice, UserWarning, stacklevel=1)
+        warnings.warn("another warning", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(cli, "_list", fake_list)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.cli_main(["list", "tasks"]) == 0
+        warnings.warn(notice, UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["another warning", notice]
