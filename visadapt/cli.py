@@ -8,18 +8,26 @@ jsonargparse with the offending key; ``JSONARGPARSE_DEBUG=1`` adds the full trac
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
+import torch
 from jsonargparse import set_parsing_settings
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 
 import visadapt.data  # noqa: F401  (dataset registration)
 import visadapt.methods  # noqa: F401  (short class_path names)
 from visadapt.adapters import AdapterConfig
-from visadapt.methods.base import AdapterModule
+from visadapt.errors import CorruptFileError, UnsafeCheckpointError, UserError, report_user_errors
+from visadapt.methods.base import AdapterModule, quiet_eval_mode_notice, read_checkpoint
 
 PROG = "python -m visadapt"
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
@@ -35,17 +43,274 @@ EXTRA_COMMANDS = """extra commands:
 set_parsing_settings(subclasses_enabled=[AdapterConfig])
 
 
+FAULT_ENV = "VISADAPT_FAULT_KILL_IN_CKPT_WRITE"
+"""Testing hook: ``N`` kills the process (SIGKILL) half-way through writing its N-th checkpoint file."""
+
+TEMP_MARK = ".tmp-"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint next to its target (``<name>.tmp-<pid>``) and renames it into place.
+
+    A kill during the write leaves the previous checkpoint intact and, at worst, a temporary file that the next run
+    in the same folder removes (:func:`remove_stale_temp_files`). Lightning's own writer stages the file in the
+    system temporary folder and moves it, which leaves orphans there and is not atomic across filesystems.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._writes = 0
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}{TEMP_MARK}{os.getpid()}")
+        self._writes += 1
+        kill_at = os.environ.get(FAULT_ENV)
+        try:
+            with open(tmp, "wb") as f:
+                if kill_at and int(kill_at) == self._writes:
+                    import io
+
+                    buf = io.BytesIO()
+                    torch.save(checkpoint, buf)
+                    f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                    f.flush()
+                    os.fsync(f.fileno())
+                    os.kill(os.getpid(), signal.SIGKILL)
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary checkpoint files a killed run left in ``folder``; returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [f for f in folder.iterdir() if TEMP_MARK in f.name and f.is_file()]
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return stale
+
+
+def _csv_metrics_file(trainer) -> Path | None:
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            return Path(logger.experiment.metrics_file_path)
+    return None
+
+
+def _count_rows(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        return 0
+    import csv
+
+    with path.open(newline="") as f:
+        return max(0, sum(1 for _ in csv.reader(f)) - 1)
+
+
+def _truncate_rows(path: Path, rows: int) -> None:
+    """Keep the header and the first ``rows`` rows of a CSV file (rows logged after the checkpoint are dropped)."""
+    import csv
+
+    with path.open(newline="") as f:
+        table = list(csv.reader(f))
+    if len(table) - 1 <= rows:
+        return
+    tmp = path.with_name(path.name + TEMP_MARK + str(os.getpid()))
+    with tmp.open("w", newline="") as f:
+        csv.writer(f).writerows(table[: rows + 1])
+    os.replace(tmp, path)
+
+
+def _keep_metrics(trainer) -> Path | None:
+    """Lightning's CSV writer deletes an existing ``metrics.csv`` when it opens a run folder. It is kept until
+    ``on_train_start`` knows whether the run resumes (then the rows up to its checkpoint stay) or starts afresh (then
+    it is removed, as Lightning would). Returns the kept file."""
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger) and getattr(logger, "_experiment", None) is None:
+            path = Path(logger.log_dir) / "metrics.csv"
+            text = path.read_bytes() if path.is_file() else None
+            _ = logger.experiment  # opens the writer, which removes the file
+            if text is not None:
+                path.write_bytes(text)
+                return path
+    return None
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that keeps ``last.ckpt`` resumable at all times.
+
+    * ``last.ckpt`` is written at the end of every epoch (Lightning writes it only when a top-k checkpoint is
+      saved, so ``save_top_k: 0`` left nothing until the end of training), and every ``every_n_train_steps``
+      optimiser steps for long epochs.
+    * Files are written next to the target and renamed (:class:`AtomicCheckpointIO`); temporary files left by a
+      killed run are removed when the next run starts in the same folder.
+    * The loggers are flushed before each write and the CSV row count is stored, so a resumed run drops the rows
+      the killed run logged after its checkpoint and ``metrics.csv`` covers the whole run once.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._last_saves = 0
+        self._metrics_rows: int | None = None
+        self._resume_rows: int | None = None
+        self._kept_metrics: Path | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        try:
+            io = trainer.strategy.checkpoint_io
+        except (AttributeError, NotImplementedError):
+            io = None
+        if type(io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if stage == "fit" and trainer.is_global_zero and self.dirpath:
+            for f in remove_stale_temp_files(self.dirpath):
+                print(f"visadapt: removed {f}, a partial checkpoint left by a killed run")
+        if stage == "fit" and trainer.is_global_zero:
+            self._kept_metrics = _keep_metrics(trainer)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        for logger in trainer.loggers:
+            logger.save()  # the metrics up to this checkpoint reach the disk before it does
+        self._metrics_rows = _count_rows(_csv_metrics_file(trainer))
+        super()._save_checkpoint(trainer, filepath)
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_saves += 1
+
+    def _save_last_at_epoch_end(self, trainer, saves_before: int) -> None:
+        if (not self.save_last or self._last_saves != saves_before or trainer.sanity_checking or trainer.fast_dev_run
+                or trainer.state.fn != "fit"):
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        before = self._last_saves
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_at_epoch_end(trainer, before)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        before = self._last_saves
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_at_epoch_end(trainer, before)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        path = _csv_metrics_file(trainer)
+        if self._resume_rows is not None and path is not None and path.is_file() and trainer.is_global_zero:
+            _truncate_rows(path, self._resume_rows)
+        elif self._kept_metrics is not None and trainer.ckpt_path is None:
+            self._kept_metrics.unlink(missing_ok=True)  # a fresh run in a used folder starts a fresh metrics.csv
+        self._resume_rows = self._kept_metrics = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "metrics_rows": self._metrics_rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._resume_rows = state_dict.get("metrics_rows")
+
+
+_VERSION_DIR = re.compile(r"^version_(\d+)$")
+
+
+def _flag_given(argv: list[str], key: str) -> bool:
+    """Whether ``--key`` (or ``--key=...``) is on the command line."""
+    return any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv)
+
+
 class VisAdaptCLI(LightningCLI):
-    """LightningCLI with visadapt's defaults: a checkpoint callback that keeps ``last.ckpt`` for resuming, and
-    the datamodule's preprocessing linked from the model's backbone."""
+    """LightningCLI with visadapt's defaults.
+
+    * ``checkpoint`` (:class:`RunCheckpoint`): ``last.ckpt`` at every epoch end and every 200 optimiser steps,
+      written atomically.
+    * ``--ckpt_path`` resumes from the weights, optimiser, loop and random states of a checkpoint, but never reads
+      model arguments back from it (Lightning does; that path instantiates whatever ``class_path`` a checkpoint
+      names): the run's arguments come from the config (``runs/<task>/version_N/config.yaml`` holds it). A
+      checkpoint inside ``<save_dir>/<name>/version_N/checkpoints/`` continues that run folder.
+    * The datamodule's preprocessing is linked from the model's backbone.
+    """
+
+    def __init__(self, *args: Any, argv: list[str] | None = None, **kwargs: Any) -> None:
+        self._argv = list(argv or [])
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
+                             "checkpoint.every_n_train_steps": 200, "checkpoint.enable_version_counter": False,
                              "checkpoint.filename": "epoch{epoch:03d}-step{step:06d}",
                              "checkpoint.auto_insert_metric_name": False})
         parser.link_arguments("model", "data.init_args.preprocess", compute_fn=lambda m: m.preprocess,
                               apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        """Never read model arguments back from a checkpoint (a checkpoint must not decide what gets built)."""
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config.get(self.subcommand) if self.subcommand else self.config
+        if cfg is None:
+            return
+        self._reset_foreign_dataset_kwargs(cfg)
+        ckpt = cfg.get("ckpt_path")
+        if ckpt and ckpt not in ("last", "best", "hpc", "registry"):
+            read_checkpoint(ckpt)  # a missing, truncated or unsafe file fails here, naming it
+            if self.subcommand == "fit":
+                self._continue_run_folder(cfg, Path(ckpt))
+
+    def _reset_foreign_dataset_kwargs(self, cfg) -> None:
+        """``--data.init_args.dataset=X`` on the command line drops the config file's ``dataset_kwargs`` that X
+        does not accept (they belonged to the config's dataset, e.g. Fashion-MNIST's ``invert``), with a note."""
+        data = cfg.get("data")
+        args = data.get("init_args") if data is not None and hasattr(data, "get") else None
+        if args is None or not hasattr(args, "get") or not args.get("dataset_kwargs"):
+            return
+        if not (_flag_given(self._argv, "data.init_args.dataset") or _flag_given(self._argv, "data.dataset")):
+            return
+        if _flag_given(self._argv, "data.init_args.dataset_kwargs") or _flag_given(self._argv, "data.dataset_kwargs"):
+            return
+        from visadapt.data._registry import DATASETS, dataset_arguments
+
+        if args.get("dataset") not in DATASETS:
+            return
+        accepted = dataset_arguments(args["dataset"])
+        kwargs = dict(args["dataset_kwargs"])
+        foreign = sorted(k for k in kwargs if accepted is not None and k not in accepted)
+        if foreign:
+            print(f"visadapt: dataset {args['dataset']!r} set on the command line: dropping the config's "
+                  f"dataset_kwargs {foreign} (not arguments of {args['dataset']!r})", file=sys.stderr)
+            args["dataset_kwargs"] = {k: v for k, v in kwargs.items() if k not in foreign}
+
+    def _continue_run_folder(self, cfg, ckpt: Path) -> None:
+        """Point the logger at the run folder that holds ``ckpt`` so the resumed run continues its files."""
+        logger = cfg.get("trainer", {}).get("logger")
+        if logger is None or isinstance(logger, (bool, list)) or not hasattr(logger, "get"):
+            return
+        init = logger.get("init_args")
+        if init is None or init.get("version") is not None or init.get("save_dir") is None:
+            return
+        run_dir = ckpt.resolve().parent.parent
+        match = _VERSION_DIR.match(run_dir.name)
+        if ckpt.resolve().parent.name != "checkpoints" or not match:
+            return
+        if run_dir.parent != (Path(init["save_dir"]) / str(init.get("name") or "lightning_logs")).resolve():
+            return
+        init["version"] = int(match.group(1))
+        print(f"visadapt: resuming into {run_dir}", file=sys.stderr)
 
 
 def _list(argv: list[str]) -> int:
@@ -68,16 +333,26 @@ def _list(argv: list[str]) -> int:
                 if not len(reg):
                     print("  (none registered yet)")
     if what in ("tasks", "all"):
-        print("tasks (run with: python -m visadapt fit -c tasks/<name>.yaml):")
-        for f in sorted(TASKS_DIR.glob("*.yaml")):
+        from visadapt.resources import shipped_dir, shown, task_files  # the checkout's tasks/ or the wheel's copy
+
+        print(f"tasks (run with: python -m visadapt fit -c {shown(shipped_dir('tasks'))}/<name>.yaml):")
+        for f in task_files():
             first = next((ln[1:].strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
             print(f"  {f.stem:28s} {first}")
     return 0
 
 
+@quiet_eval_mode_notice()  # a scoped filter: importing visadapt installs none
 def cli_main(args: ArgsType = None) -> VisAdaptCLI | int | dict | None:
     """Entry point of ``python -m visadapt``; ``args`` replaces ``sys.argv[1:]`` (for tests and notebooks)."""
     argv = list(sys.argv[1:] if args is None else args)
+    if args is None:  # the command line: a user error prints one line (VISADAPT_DEBUG=1 for the traceback)
+        with report_user_errors(PROG):
+            return _dispatch(argv, None)
+    return _dispatch(argv, argv)
+
+
+def _dispatch(argv: list[str], args: ArgsType) -> VisAdaptCLI | int | dict | None:
     if argv and argv[0] == "list":
         return _list(argv[1:])
     if argv and argv[0] == "fscil":
@@ -87,7 +362,11 @@ def cli_main(args: ArgsType = None) -> VisAdaptCLI | int | dict | None:
     if argv and argv[0] == "sweep":
         from visadapt.protocols.sweep import sweep_main
 
-        return sweep_main(argv[1:])
+        return sweep_main(argv[1:], runner=cli_main)  # the sweep gets its runner (it never imports the CLI)
+    return _fit_cli(argv, args)
+
+
+def _fit_cli(argv: list[str], args: ArgsType) -> VisAdaptCLI:
     return VisAdaptCLI(
         AdapterModule,
         LightningDataModule,
@@ -100,7 +379,8 @@ def cli_main(args: ArgsType = None) -> VisAdaptCLI | int | dict | None:
                                      "init_args": {"save_dir": "runs", "name": "default"}}},
         parser_kwargs={"prog": PROG, "description": __doc__.split("\n\n")[0], "epilog": EXTRA_COMMANDS,
                        "formatter_class": _formatter()},
-        args=None if args is None else argv,
+        args=args,
+        argv=argv,
     )
 
 

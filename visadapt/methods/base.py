@@ -11,8 +11,15 @@
 
 from __future__ import annotations
 
+import logging
+import pickle
+import time
 import warnings
-from typing import Any
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Union
 
 import lightning.pytorch as pl
 import torch
@@ -20,10 +27,72 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 import visadapt
 from visadapt.adapters import adapter_layers
+from visadapt.errors import CorruptFileError, UnsafeCheckpointError
+from visadapt.rng import capture_rng_states, restore_rng_states
+
+log = logging.getLogger(__name__)
+
+Scalar = Union[str, int, float, bool, None]
+PlainKwargs = dict[str, Union[Scalar, list[Scalar], dict[str, Scalar]]]
+"""Free-form keyword arguments of a method (e.g. ``backbone_kwargs``): plain data only. A ``dict[str, Any]`` would let
+jsonargparse instantiate any ``class_path`` found in a config or checkpoint."""
 
 
-# AdapterModule.train() keeps the frozen backbone in eval mode on purpose; Lightning's notice about it is noise.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+def _find_class_paths(obj: Any, where: str = "") -> list[str]:
+    """Locations of ``class_path`` / ``_instantiator`` keys anywhere inside ``obj``."""
+    found = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k in ("class_path", "_class_path", "_instantiator"):
+                found.append(f"{where}.{k}".lstrip(".") + f"={v!r}")
+            found += _find_class_paths(v, f"{where}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            found += _find_class_paths(v, f"{where}[{i}]")
+    return found
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a Lightning checkpoint with ``torch.load(weights_only=True)``; every failure names the file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        UnsafeCheckpointError: the file holds pickled objects (unpickling would run code).
+        CorruptFileError: the file is truncated or not a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeCheckpointError(
+            f"{path} is not a plain checkpoint: reading it would unpickle Python objects ({first}). visadapt reads "
+            "checkpoints with torch.load(weights_only=True) only; refusing it") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CorruptFileError(f"{path} is truncated or not a checkpoint ({first}); resume from another checkpoint "
+                               "or start the run again") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CorruptFileError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    return ckpt
+
+
+EVAL_MODE_NOTICE = r"Found \d+ module\(s\) in eval mode at the start of training"
+"""Lightning's notice at the start of ``fit``. :meth:`AdapterModule.train` keeps the frozen backbone in eval mode on
+purpose, so for visadapt's modules the notice is noise."""
+
+
+@contextmanager
+def quiet_eval_mode_notice() -> Iterator[None]:
+    """Hide :data:`EVAL_MODE_NOTICE` inside the block or the decorated function only (no global warning filter).
+
+    ``python -m visadapt`` runs under it; in a script: ``with quiet_eval_mode_notice(): trainer.fit(model, data)``.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=EVAL_MODE_NOTICE)
+        yield
 
 
 class MissingCheckpointKeysError(KeyError):
@@ -50,6 +119,8 @@ class AdapterModule(pl.LightningModule):
         self.schedule, self.warmup_steps, self.min_lr = schedule, warmup_steps, min_lr
         # Lightning's strict load would demand the frozen backbone; on_load_checkpoint checks what matters.
         self.strict_loading = False
+        self.resumed_train_seconds = 0.0  # training time of the run before it was resumed (from the checkpoint)
+        self._train_t0: float | None = None
 
     def train(self, mode: bool = True) -> "AdapterModule":
         """Train mode for what trains, eval mode for the frozen rest.
@@ -119,12 +190,65 @@ class AdapterModule(pl.LightningModule):
         return {"version": visadapt.__version__, "class": f"{type(self).__module__}.{type(self).__qualname__}",
                 "hparams": {k: repr(v) for k, v in self.hparams.items()}}
 
+    def train_seconds(self) -> float:
+        """Training time of the whole run so far, including the time before a resume."""
+        running = 0.0 if self._train_t0 is None else time.perf_counter() - self._train_t0
+        return self.resumed_train_seconds + running
+
+    def on_train_start(self) -> None:
+        self._train_t0 = time.perf_counter()
+        self._report_skipped_images()
+        # Lightning restores a mid-epoch dataloader state only if the train loader is first built after the loops
+        # are restored; the cosine schedule's estimated_stepping_batches builds it before, so the saved position
+        # would be dropped. The loader is iterated lazily, so handing it the state here is still in time.
+        loop = self.trainer.fit_loop
+        if getattr(loop, "_combined_loader_states_to_load", None):
+            loop._load_combined_loader_states()
+
+    def _report_skipped_images(self) -> None:
+        """Log (and put in ``self.report`` where a method keeps one) the images ``on_bad_image: skip`` left out."""
+        from visadapt.data.base import skipped_images
+
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            return
+        sets = [getattr(dm, "train_set", None), getattr(dm, "val_set", None),
+                *dict(getattr(dm, "test_sets", None) or {}).values()]
+        skipped = skipped_images([s for s in sets if s is not None])
+        if not skipped:
+            return
+        log.warning("on_bad_image=skip left %d unreadable image(s) out of the data, e.g. %s", len(skipped),
+                    "; ".join(skipped[:3]))
+        report = getattr(self, "report", None)
+        if isinstance(report, dict):
+            report["skipped_images"] = len(skipped)
+            report["skipped_images_first"] = skipped[:5]
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Refuses checkpoints whose hyperparameters name classes to instantiate (a checkpoint must not decide what
+        code runs): build the model from its config and resume with ``trainer.fit(..., ckpt_path=...)``."""
+        ckpt = read_checkpoint(checkpoint_path)
+        found = _find_class_paths(ckpt.get("hyper_parameters", {}))
+        if found:
+            raise UnsafeCheckpointError(
+                f"{checkpoint_path}: its hyperparameters name classes to instantiate ({', '.join(found[:3])}); "
+                "visadapt never builds a model from a checkpoint. Build it from the run's config.yaml and pass "
+                "the checkpoint as ckpt_path")
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["visadapt"] = self.run_record()
+        checkpoint["visadapt"]["rng"] = capture_rng_states()
+        checkpoint["visadapt"]["train_seconds"] = self.train_seconds()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        record = checkpoint.get("visadapt") or {}
+        if "rng" in record:  # a resumed run draws the same shuffles, augmentations and dropout masks
+            restore_rng_states(record["rng"])
+        self.resumed_train_seconds = float(record.get("train_seconds", 0.0))
         expected = self.trainable_state_keys()
         present = set(checkpoint.get("state_dict", {}))
         missing = sorted(expected - present)

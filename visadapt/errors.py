@@ -1,0 +1,79 @@
+"""User errors: one clear line on the command line, the traceback only with ``VISADAPT_DEBUG=1``.
+
+A *user error* is something the person running visadapt can fix (a path, a file, a config value, an adapter target);
+its message names the file or setting and says what to do. :func:`report_user_errors` turns such an exception into
+one line on stderr and a non-zero exit code; any other exception (a bug) keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+DEBUG_ENV = "VISADAPT_DEBUG"
+EXIT_USER_ERROR = 2
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """An error the user can fix; the message names the file or setting and what to do."""
+
+
+class UnsafeCheckpointError(UserError):
+    """A checkpoint asks for code to run (a pickled object, or classes to instantiate) and is refused."""
+
+
+class CorruptFileError(UserError, ValueError):
+    """A file is truncated or not in the expected format; the message names it."""
+
+
+def debug_enabled() -> bool:
+    """``VISADAPT_DEBUG`` is set to something other than ``""`` / ``0``."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from visadapt.data.base import BadImageError
+
+    # ValueError / KeyError / FileNotFoundError are what the package raises for bad paths, values and names; their
+    # messages name the setting. A bug raising one of them still gets its traceback with VISADAPT_DEBUG=1.
+    return (UserError, BadImageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+            ValueError, KeyError, NotImplementedError, MisconfigurationException)
+
+
+def user_message(err: BaseException) -> str:
+    """The one-line text of ``err`` (``KeyError`` quotes its argument; this does not)."""
+    text = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else str(err)
+    return str(text).strip() or type(err).__name__
+
+
+@contextmanager
+def report_user_errors(prog: str = "visadapt") -> Iterator[None]:
+    """Run a block; a user error becomes ``<prog>: error: <message>`` on stderr and ``SystemExit(2)``.
+
+    With ``VISADAPT_DEBUG=1`` the exception propagates unchanged (full traceback).
+    """
+    try:
+        yield
+    except _user_error_types() as err:
+        if debug_enabled():
+            raise
+        print(f"{prog}: error: {user_message(err)}", file=sys.stderr)
+        print(f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
+
+
+def call_reporting_user_errors(fn: Callable[[], T], prog: str = "visadapt") -> T:
+    """``fn()`` inside :func:`report_user_errors`."""
+    with report_user_errors(prog):
+        return fn()
+
+
+__all__ = ["CorruptFileError", "DEBUG_ENV", "UnsafeCheckpointError", "UserError", "debug_enabled",
+           "report_user_errors", "user_message"]
