@@ -1,8 +1,12 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from visadapt.protocols.sweep import Cell, base2novel_table, harmonic_mean, write_tables
+from visadapt.metrics import harmonic_mean
+from visadapt.protocols.sweep import Cell, base2novel_table, write_tables
 
 
 def test_harmonic_mean():
@@ -61,8 +65,7 @@ def test_transfer_table_without_targets_says_how_to_add_them(tmp_path):
 
 
 def test_sweep_runs_cells_writes_the_table_and_resumes(tmp_path, capsys):
-    from pathlib import Path
-
+    from visadapt.cli import cli_main
     from visadapt.protocols.sweep import sweep
 
     task = str(Path(__file__).resolve().parents[2] / "tasks" / "clip_fewshot.yaml")
@@ -74,7 +77,7 @@ def test_sweep_runs_cells_writes_the_table_and_resumes(tmp_path, capsys):
             "seed: 5}}}"]
     out = tmp_path / "sweep"
     t = sweep(task, shots=[1, 2], seeds=[1], datasets=["procedural_shapes"], protocol="transfer",
-              out=str(out), overrides=tiny)
+              out=str(out), overrides=tiny, runner=cli_main)
     assert set(t) == {"zeroshot_k1_procedural_shapes", "zeroshot_k2_procedural_shapes",
                       "adapted_k1_procedural_shapes", "adapted_k2_procedural_shapes"}
     assert set(t["adapted_k2_procedural_shapes"]) == {"all", "shifted", "target_average"}
@@ -83,8 +86,52 @@ def test_sweep_runs_cells_writes_the_table_and_resumes(tmp_path, capsys):
     stamps = [c.stat().st_mtime_ns for c in cells]
     capsys.readouterr()
     assert sweep(task, shots=[1, 2], seeds=[1], datasets=["procedural_shapes"], protocol="transfer",
-              out=str(out), overrides=tiny) == t
+              out=str(out), overrides=tiny, runner=cli_main) == t
     assert [c.stat().st_mtime_ns for c in cells] == stamps  # finished cells are skipped, not rerun
     log = capsys.readouterr().out
     assert log.count("done, skipped") == 2 and "running" not in log
     assert "target average" in (out / "table.md").read_text()
+
+
+def test_the_sweep_takes_its_runner_and_never_imports_the_cli(tmp_path):
+    from visadapt.protocols.sweep import sweep
+
+    code = ("import sys, visadapt.protocols.sweep as s; import visadapt.metrics as m; "
+            "assert 'visadapt.cli' not in sys.modules, 'sweep imports the CLI'; "
+            "assert s.harmonic_mean is m.harmonic_mean")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    task = Path(__file__).resolve().parents[2] / "tasks" / "clip_fewshot.yaml"
+    with pytest.raises(TypeError, match="runner"):
+        sweep(str(task), shots=[1], seeds=[1], out=str(tmp_path / "s"))
+    seen = []
+
+    class Fake:  # a runner only has to return something with .model.report
+        def __init__(self, args):
+            seen.append(args)
+            acc = 50.0 + int(next(a for a in args if a.startswith("--data.init_args.shots=")).split("=")[1])
+            self.model = type("M", (), {"report": {"adapted": {"all": acc}, "zeroshot": {"all": 10.0}}})()
+
+    t = sweep(str(task), shots=[1, 4], seeds=[1], out=str(tmp_path / "s"), runner=Fake)
+    assert len(seen) == 2 and seen[0][:3] == ["fit", "-c", str(task)]
+    assert t["adapted_k1"] == {"fashion_mnist": 51.0} and t["adapted_k4"] == {"fashion_mnist": 54.0}
+
+
+def test_sweep_cells_train_iters_per_shot_times_k(tmp_path):
+    """The task's ``iters_per_shot`` gives each cell ``iters_per_shot x K`` steps (CLIP-LoRA's 500 x K), whatever
+    the task's max_epochs."""
+    from visadapt.cli import cli_main
+    from visadapt.protocols.sweep import sweep
+
+    task = str(Path(__file__).resolve().parents[2] / "tasks" / "clip_fewshot.yaml")
+    tiny = ["--trainer.accelerator=cpu", "--trainer.max_epochs=40", "--trainer.limit_val_batches=0",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+            "--model.init_args.backbone=tiny_open_clip", "--model.init_args.adapter.init_args.target=attn_qkv",
+            "--model.init_args.eval_baselines=false", "--model.init_args.iters_per_shot=2",
+            "--data.init_args.dataset_kwargs={num_per_class: 6}", "--data.init_args.image_size=32",
+            "--data.init_args.test_per_class=2", "--data.init_args.batch_size=4"]
+    out = tmp_path / "sweep"
+    sweep(task, shots=[1, 2], seeds=[1], datasets=["procedural_shapes"], out=str(out), overrides=tiny,
+          runner=cli_main)
+    steps = {c.stem: json.loads(c.read_text())["report"]["steps"] for c in (out / "cells").glob("*.json")}
+    # 40 epochs would be 40 (K=1: 5 images, one batch of 4 + 1 -> 2 per epoch: 80) steps without iters_per_shot
+    assert steps == {"procedural_shapes_k1_s1": 2, "procedural_shapes_k2_s1": 4}
