@@ -118,33 +118,35 @@ def _count_rows(path: Path | None) -> int | None:
         return max(0, sum(1 for _ in csv.reader(f)) - 1)
 
 
-def _truncate_rows(path: Path, rows: int) -> None:
-    """Keep the header and the first ``rows`` rows of a CSV file (rows logged after the checkpoint are dropped)."""
+def _truncate_rows(path: Path, rows: int, step: int | None) -> None:
+    """Drop the rows a killed run logged after its checkpoint: keep the first ``rows`` rows (on disk when the
+    checkpoint was written) and the later rows of steps before ``step`` (the checkpoint's global step: metrics of
+    the checkpointed step are logged just after the write); the resumed run logs ``step`` onwards again."""
     import csv
 
     with path.open(newline="") as f:
         table = list(csv.reader(f))
-    if len(table) - 1 <= rows:
+    if not table:
         return
+    col = table[0].index("step") if "step" in table[0] else None
+
+    def keep(i: int, row: list[str]) -> bool:
+        if i < rows:
+            return True
+        try:
+            return step is not None and col is not None and int(float(row[col])) < step
+        except (ValueError, IndexError):
+            return False
+
+    kept = [table[0]] + [row for i, row in enumerate(table[1:]) if keep(i, row)]
+    if len(kept) == len(table):
+        return
+    table = kept
+    rows = len(table) - 1
     tmp = path.with_name(path.name + TEMP_MARK + str(os.getpid()))
     with tmp.open("w", newline="") as f:
         csv.writer(f).writerows(table[: rows + 1])
     os.replace(tmp, path)
-
-
-def _keep_metrics(trainer) -> Path | None:
-    """Lightning's CSV writer deletes an existing ``metrics.csv`` when it opens a run folder. It is kept until
-    ``on_train_start`` knows whether the run resumes (then the rows up to its checkpoint stay) or starts afresh (then
-    it is removed, as Lightning would). Returns the kept file."""
-    for logger in trainer.loggers:
-        if isinstance(logger, CSVLogger) and getattr(logger, "_experiment", None) is None:
-            path = Path(logger.log_dir) / "metrics.csv"
-            text = path.read_bytes() if path.is_file() else None
-            _ = logger.experiment  # opens the writer, which removes the file
-            if text is not None:
-                path.write_bytes(text)
-                return path
-    return None
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -164,7 +166,8 @@ class RunCheckpoint(ModelCheckpoint):
         self._last_saves = 0
         self._metrics_rows: int | None = None
         self._resume_rows: int | None = None
-        self._kept_metrics: Path | None = None
+        self._metrics_step: int | None = None
+        self._resume_step: int | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -177,13 +180,12 @@ class RunCheckpoint(ModelCheckpoint):
         if stage == "fit" and trainer.is_global_zero and self.dirpath:
             for f in remove_stale_temp_files(self.dirpath):
                 print(f"visadapt: removed {f}, a partial checkpoint left by a killed run")
-        if stage == "fit" and trainer.is_global_zero:
-            self._kept_metrics = _keep_metrics(trainer)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         for logger in trainer.loggers:
             logger.save()  # the metrics up to this checkpoint reach the disk before it does
         self._metrics_rows = _count_rows(_csv_metrics_file(trainer))
+        self._metrics_step = trainer.global_step
         super()._save_checkpoint(trainer, filepath)
 
     def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
@@ -212,17 +214,16 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         path = _csv_metrics_file(trainer)
         if self._resume_rows is not None and path is not None and path.is_file() and trainer.is_global_zero:
-            _truncate_rows(path, self._resume_rows)
-        elif self._kept_metrics is not None and trainer.ckpt_path is None:
-            self._kept_metrics.unlink(missing_ok=True)  # a fresh run in a used folder starts a fresh metrics.csv
-        self._resume_rows = self._kept_metrics = None
+            _truncate_rows(path, self._resume_rows, self._resume_step)
+        self._resume_rows = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "metrics_rows": self._metrics_rows}
+        return {**super().state_dict(), "metrics_rows": self._metrics_rows, "metrics_step": self._metrics_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._resume_rows = state_dict.get("metrics_rows")
+        self._resume_step = state_dict.get("metrics_step")
 
 
 _VERSION_DIR = re.compile(r"^version_(\d+)$")
@@ -311,6 +312,23 @@ class VisAdaptCLI(LightningCLI):
             return
         init["version"] = int(match.group(1))
         print(f"visadapt: resuming into {run_dir}", file=sys.stderr)
+        metrics = run_dir / "metrics.csv"
+        self._kept_metrics = (metrics, metrics.read_bytes()) if metrics.is_file() else None
+
+    def before_fit(self) -> None:
+        """Lightning's CSV writer deletes the ``metrics.csv`` of the folder it opens; a resumed run puts back the
+        rows of the run it continues (:class:`RunCheckpoint` drops those logged after the checkpoint)."""
+        kept = getattr(self, "_kept_metrics", None)
+        if kept is None:
+            return
+        path, text = kept
+        header = text.decode().splitlines()[0].split(",") if text.strip() else []
+        for logger in self.trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                writer = logger.experiment  # the writer exists (and has deleted the file) from here on
+                if Path(writer.metrics_file_path).resolve() == path.resolve():
+                    path.write_bytes(text)
+                    writer.metrics_keys = sorted(set(writer.metrics_keys) | set(header))
 
 
 def _list(argv: list[str]) -> int:
