@@ -147,12 +147,14 @@ def test_torchscript_archive_is_converted(tmp_path) -> None:
     raw = _raw_model(custom_text=False)
     path = tmp_path / "tiny-openai.pt"
     torch.jit.save(torch.jit.script(raw), str(path))
-    loaded = build_backbone("tiny_open_clip", pretrained=str(path), quick_gelu=False)
+    with pytest.raises(ValueError, match=r"TorchScript archive, which is code.*allow_torchscript"):
+        build_backbone("tiny_open_clip", pretrained=str(path), quick_gelu=False)  # code: refused without opt-in
+    loaded = build_backbone("tiny_open_clip", pretrained=str(path), quick_gelu=False, allow_torchscript=True)
     image_features, _ = _outputs(loaded.model.eval())
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(image_features, raw.encode_image(images), atol=1e-6, rtol=0)
-    assert _activation(build_backbone("tiny_open_clip", pretrained=str(path)).model) is QuickGELU
+    assert _activation(build_backbone("tiny_open_clip", pretrained=str(path), allow_torchscript=True).model) is QuickGELU
 
 
 def test_missing_sources_name_the_path(tmp_path) -> None:

@@ -40,6 +40,7 @@ from visadapt.adapters.inject import (
     set_active_adapter,
 )
 from visadapt.adapters.lora import LoRAConfig
+from visadapt.errors import CorruptFileError
 
 FORMAT = "visadapt-adapter"
 FORMAT_VERSION = 1
@@ -125,8 +126,11 @@ def load_adapter(
     path = Path(path_dir)
     if not (path / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_FILE}; is it a visadapt adapter directory?")
-    meta = json.loads((path / CONFIG_FILE).read_text())
-    if meta.get("format") != FORMAT:
+    try:
+        meta = json.loads((path / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{path / CONFIG_FILE} is not valid JSON ({e}); save the adapter again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path / CONFIG_FILE} is not a {FORMAT} file")
     if base_identity is not None and meta["base_identity"] != base_identity:
         raise ValueError(f"adapter in {path} was saved for base model {meta['base_identity']!r}, not {base_identity!r}")
@@ -148,13 +152,48 @@ def load_adapter(
         if existing and not (isinstance(module, AdapterLayer) and name in module.adapters):
             raise ValueError(f"adapter {name!r} exists in the model but not on layer {module_name!r}")
         plan[module_name] = tuple(info["slices"]) if info["slices"] else None
-    if not existing:
-        _inject_modules(model, config, name, plan)
-        set_active_adapter(model, name)
     saved, wanted = f".{ADAPTER_CONTAINER}.{meta['name']}.", f".{ADAPTER_CONTAINER}.{name}."
-    state = {k.replace(saved, wanted, 1): v for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
-    load_adapter_state_dict(model, state, strict=True)
+    state = {k.replace(saved, wanted, 1): v for k, v in _read_safetensors(path / WEIGHTS_FILE).items()}
+    # Inject and load as one step: any failure (a missing or mis-shaped tensor) leaves the model as it was.
+    originals = {m: model.get_submodule(m) for m in plan}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = {k: v.detach().clone() for k, v in adapter_state_dict(model, name).items()} if existing else {}
+    try:
+        if not existing:
+            _inject_modules(model, config, name, plan)
+        load_adapter_state_dict(model, state, strict=True)
+    except Exception:
+        if existing:
+            load_adapter_state_dict(model, before, strict=False)
+        else:
+            for module_name, original in originals.items():
+                if isinstance(original, AdapterLayer):
+                    for table in (original.adapters, original.slices, original.configs):
+                        if name in table:
+                            del table[name]
+                else:
+                    parent, _, child = module_name.rpartition(".")
+                    setattr(model.get_submodule(parent), child, original)
+        named = dict(model.named_parameters())
+        for n, flag in flags.items():
+            if n in named:
+                named[n].requires_grad_(flag)
+        raise
+    if not existing:
+        set_active_adapter(model, name)
     return config
+
+
+def _read_safetensors(file: Path) -> dict[str, Tensor]:
+    """``safetensors.torch.load_file`` with errors that name the file."""
+    if not file.is_file():
+        raise FileNotFoundError(f"adapter weights file missing: {file}")
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises SafetensorError (not exported under one stable name) or OSError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CorruptFileError(f"{file} is not a readable safetensors file ({first}); it may be truncated or "
+                               "corrupt: save or download it again") from None
 
 
 # --- low-rank view for the exchange formats ------------------------------------------------------------------------
@@ -190,6 +229,14 @@ def export_peft(
 
     Keys are relative to ``model``; pass the same (unwrapped) model to PEFT. The output is exact (up to float
     rounding of the folded factors). Raises ``NotImplementedError`` for a variant without a low-rank form.
+
+    Loading the result needs ``peft``, which visadapt does not depend on (``pip install peft``, or the ``dev``
+    extra); ``base`` is a fresh copy of the model without adapters::
+
+        from peft import PeftModel
+        peft_model = PeftModel.from_pretrained(base, path_dir)  # outputs equal the adapted model's
+
+    visadapt reads the directory back without peft: ``import_peft(base, path_dir)``.
     """
     path = Path(path_dir)
     path.mkdir(parents=True, exist_ok=True)
@@ -280,7 +327,7 @@ def import_peft(model: nn.Module, path_dir: str | Path, name: str = "default") -
         if value not in (ok, None, [], {}):
             raise NotImplementedError(f"PEFT option {key}={value!r} is not supported by import_peft")
     modules: dict[str, dict[str, Tensor]] = {}
-    for key, value in load_file(str(weights_file)).items():
+    for key, value in _read_safetensors(weights_file).items():
         match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight", key)
         if match is None:
             raise NotImplementedError(f"PEFT tensor {key!r} is not a LoRA A/B weight; cannot import it")

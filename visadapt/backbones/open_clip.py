@@ -13,8 +13,9 @@ Pitfalls handled here (see ``reference/style_and_ecosystem.md`` §4.6):
   with a file path nothing warns and accuracy drops silently (open_clip #771). This builder turns QuickGELU on
   when the file name contains ``openai`` (or the tag's config asks for it) and prints a note.
 * **Unsafe unpickling.** ``.pt``/``.bin`` checkpoints are read with ``torch.load(weights_only=True)``. The original
-  OpenAI release files are TorchScript archives, which ``weights_only`` refuses; they are read with
-  ``torch.jit.load`` (no Python pickle code runs) and converted to a temporary safetensors file first.
+  OpenAI release files are TorchScript archives, which ``weights_only`` refuses. A TorchScript archive is code, so
+  it is read (with ``torch.jit.load``, then converted to a temporary safetensors file) only when the user opts in
+  with ``allow_torchscript=True``.
 * **Downloads.** Only a known pretrained tag can trigger open_clip's downloader; in offline mode the tag must
   already be in the cache, and the error says so.
 """
@@ -275,6 +276,7 @@ def open_clip_backbone(
         image_size: int | None = None,
         context_length: int | None = None,
         precision: str = "fp32",
+        allow_torchscript: bool = False,
 ) -> Backbone:
     """An open_clip CLIP model as a dual encoder, loaded offline.
 
@@ -292,6 +294,10 @@ def open_clip_backbone(
         image_size: Override the vision tower's input size (position embeddings of loaded weights are resized).
         context_length: Override the text context length.
         precision: open_clip precision string (``fp32``, ``bf16``, ``fp16``, ``pure_bf16`` ...).
+        allow_torchscript: Read a TorchScript ``pretrained`` archive (OpenAI's original ``.pt`` files) with
+            ``torch.jit.load``. A TorchScript archive is code: loading it runs what it contains, so it is refused
+            unless this is ``True``; pass it only for files from a source you trust, or convert the file once to
+            safetensors.
 
     Returns:
         A :class:`Backbone` whose ``model`` is an :class:`OpenCLIPDualEncoder`.
@@ -318,6 +324,11 @@ def open_clip_backbone(
 
     with tempfile.TemporaryDirectory(prefix="visadapt-open_clip-") as tmp:
         if kind == "file" and _is_torchscript(Path(oc_pretrained)):
+            if not allow_torchscript:
+                raise ValueError(
+                    f"open_clip: {oc_pretrained} is a TorchScript archive, which is code (torch.jit.load runs it). "
+                    "It is refused unless you opt in for a file you trust: backbone_kwargs={allow_torchscript: "
+                    "true}; or convert it once to safetensors and pass that file")
             oc_pretrained = _torchscript_to_safetensors(Path(oc_pretrained), tmp)
         try:
             model = open_clip.create_model(
@@ -394,6 +405,7 @@ def tiny_open_clip_backbone(
         normalize_attention: bool = True,
         quick_gelu: bool | None = None,
         seed: int | None = None,
+        allow_torchscript: bool = False,
 ) -> Backbone:
     """A two-layer, randomly initialised open_clip CLIP (32x32 images, real CLIP tokenizer) for tests and demos.
 
@@ -402,6 +414,7 @@ def tiny_open_clip_backbone(
         normalize_attention: Replace fused attention projections with ``qkv``/``proj`` Linears.
         quick_gelu: As in ``open_clip``; None decides from the file name.
         seed: Seed for the random weights; None draws them from the global random state.
+        allow_torchscript: Read a TorchScript ``pretrained`` archive (code; see :func:`open_clip_backbone`).
     """
     register_open_clip_config(TINY_OPEN_CLIP_NAME, TINY_OPEN_CLIP_CFG)
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
@@ -409,5 +422,5 @@ def tiny_open_clip_backbone(
             torch.manual_seed(seed)
         return open_clip_backbone(
             TINY_OPEN_CLIP_NAME, pretrained=pretrained, normalize_attention=normalize_attention,
-            quick_gelu=quick_gelu,
+            quick_gelu=quick_gelu, allow_torchscript=allow_torchscript,
         )
