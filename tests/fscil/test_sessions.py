@@ -99,7 +99,9 @@ def test_registered_benchmark_settings():
     assert (SESSION_SPLITS.get("cub200").base_classes, SESSION_SPLITS.get("cub200").way) == (100, 10)
     labels = [c for c in range(100) for _ in range(6)]
     ds = ArrayImageDataset(np.zeros((len(labels), 2, 2), np.uint8), labels, [str(c) for c in range(100)])
-    s = build_session_split("cifar100", ds, seed=0)
+    with pytest.raises(FileNotFoundError, match="CEC benchmark"):  # CEC's session files are the default
+        build_session_split("cifar100", ds, seed=0)
+    s = build_session_split("cifar100", ds, seed=0, split_rule="generated")
     assert s.num_sessions == 9 and s.num_base_classes == 60 and all(len(t) == 25 for t in s.train[1:])
 
 

@@ -346,25 +346,34 @@ class HFViTEncoder(ImageEncoder):
 
     Args:
         vit: A transformers vision model whose output has ``last_hidden_state`` with the CLS token first.
+        pooling: ``cls`` (the final CLS token) or ``pooler`` (``pooler_output``, tanh(dense(CLS)): the feature
+            CoACT uses).
     """
 
-    def __init__(self, vit: nn.Module) -> None:
+    def __init__(self, vit: nn.Module, pooling: str = "cls") -> None:
         super().__init__()
+        if pooling not in ("cls", "pooler"):
+            raise ValueError(f"pooling must be 'cls' or 'pooler', got {pooling!r}")
+        if pooling == "pooler" and getattr(vit, "pooler", None) is None:
+            raise ValueError(f"pooling='pooler' but this {type(vit).__name__} has no pooler layer")
         self.vit = vit
+        self.pooling = pooling
         self.feature_dim = int(vit.config.hidden_size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vit(pixel_values=images).last_hidden_state[:, 0]
+        out = self.vit(pixel_values=images)
+        return out.pooler_output if self.pooling == "pooler" else out.last_hidden_state[:, 0]
 
 
 @register_backbone("hf_vit")
-def hf_vit_backbone(model_dir: str) -> Backbone:
-    """A transformers ViT image encoder (CLS-token features) from a local folder.
+def hf_vit_backbone(model_dir: str, pooling: str = "cls") -> Backbone:
+    """A transformers ViT image encoder (CLS-token or pooler features) from a local folder.
 
     Args:
         model_dir: Folder written by ``save_pretrained`` (``config.json``, ``model.safetensors``, optionally
             ``preprocessor_config.json``), or a Hub id already in the local cache. A classification checkpoint
             loads too; its head is dropped.
+        pooling: ``cls`` (final CLS token) or ``pooler`` (``pooler_output`` = tanh(dense(CLS)), CoACT's feature).
 
     Raises:
         FileNotFoundError: When the folder (or its ``config.json``) is missing.
@@ -372,7 +381,7 @@ def hf_vit_backbone(model_dir: str) -> Backbone:
     from transformers import AutoModel
 
     vit = _load(AutoModel, model_dir, "hf_vit model")
-    encoder = HFViTEncoder(vit)
+    encoder = HFViTEncoder(vit, pooling)
     # Hugging Face ViT checkpoints normalise with mean = std = 0.5 unless their processor says otherwise.
     preprocess = _image_preprocess(model_dir, int(getattr(vit.config, "image_size", 224)), (0.5,) * 3, (0.5,) * 3)
     return Backbone(
@@ -381,7 +390,8 @@ def hf_vit_backbone(model_dir: str) -> Backbone:
         identity=f"hf:{vit.config.model_type}:{Path(model_dir).name}",
         target_presets=matching_presets(encoder, HF_PRESETS),
         preprocess=preprocess,
-        extra={"model_dir": model_dir, "feature_dim": encoder.feature_dim, "block_pattern": HF_BLOCK_PATTERN},
+        extra={"model_dir": model_dir, "pooling": pooling, "feature_dim": encoder.feature_dim,
+               "block_pattern": HF_BLOCK_PATTERN},
     )
 
 

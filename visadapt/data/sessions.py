@@ -30,16 +30,21 @@ Labels: sessions are defined on the dataset's own labels; :meth:`SessionSplit.la
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import lightning.pytorch as pl
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
 
+from visadapt.data.base import LabeledImageDataset, collate
 from visadapt.registry import Registry
 
 SPLIT_FORMAT_VERSION = 1
@@ -70,6 +75,9 @@ SESSION_SPLITS.register("mini_imagenet", help="CEC/CoACT: 60 base classes + 8 se
     SessionSpec(60, 5, 5, 8))
 SESSION_SPLITS.register("cub200", help="CEC/CoACT: 100 base classes + 10 sessions of 10-way 5-shot")(
     SessionSpec(100, 10, 5, 10))
+CEC_BENCHMARKS: dict[str, int] = {"cifar100": 9, "mini_imagenet": 9, "cub200": 11}
+"""Datasets whose standard sessions come from CEC's index files, and how many files (sessions) they have."""
+
 SESSION_SPLITS.register("fashion_mnist", help="visadapt CPU task: 6 base classes + 4 sessions of 1-way 5-shot")(
     SessionSpec(6, 1, 5, 4))
 
@@ -366,13 +374,31 @@ def build_session_split(dataset: str, train_set: Any, seed: int = 0, *, base_cla
                         base_shot: int | None = None, test_labels: Sequence[int] | None = None,
                         test_per_class: int | None = None,
                         class_order: Literal["natural", "shuffled"] = "natural",
-                        index_dir: str | Path | None = None) -> SessionSplit:
+                        index_dir: str | Path | None = None,
+                        split_rule: Literal["auto", "generated"] = "auto") -> SessionSplit:
     """The split of ``dataset``: from CEC index files when ``index_dir`` is given, else by the documented rule.
 
     Settings left ``None`` come from the dataset's registered :class:`SessionSpec` (an error names the missing
-    settings when the dataset has none).
+    settings when the dataset has none). For CEC's benchmarks (:data:`CEC_BENCHMARKS`) the index files are the
+    default: without ``index_dir`` the generated rule needs ``split_rule="generated"``, and missing files are an
+    error that names them.
     """
+    if index_dir is None and dataset in CEC_BENCHMARKS and split_rule != "generated":
+        raise FileNotFoundError(
+            f"{dataset} is a CEC benchmark: its sessions come from CEC's session files session_1.txt .. "
+            f"session_{CEC_BENCHMARKS[dataset]}.txt (data/index_list/{dataset}/ in CEC's repository). Set "
+            f"data.index_dir to their folder, or opt in to the generated rule (CEC's class blocks, seeded shots) "
+            f"with data.split_rule=generated")
     if index_dir is not None:
+        index_dir = Path(index_dir)
+        expected = CEC_BENCHMARKS.get(dataset)
+        missing = [] if expected is None else [f"session_{n}.txt" for n in range(1, expected + 1)
+                                                if not (index_dir / f"session_{n}.txt").is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"CEC session files missing in {index_dir}: {', '.join(missing)} (expected session_1.txt .. "
+                f"session_{expected}.txt from CEC's data/index_list/{dataset}/). Put them there, or opt in to the "
+                f"generated rule with data.index_dir=null data.split_rule=generated")
         split = read_cec_index_files(index_dir, train_set, dataset, seed, test_labels, test_per_class)
         if base_shot is not None:
             by_class = _by_class([train_set.labels[i] for i in split.train[0]])
@@ -394,7 +420,96 @@ def build_session_split(dataset: str, train_set: Any, seed: int = 0, *, base_cla
                               test_per_class=test_per_class, class_order=class_order)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Seeds, views and the per-session DataModule
+# ---------------------------------------------------------------------------------------------------------------
+def derive_seed(seed: int, *keys: int | str) -> int:
+    """A 32-bit seed (what Lightning's ``seed_everything`` accepts) that depends only on ``seed`` and ``keys``."""
+    parts = [int(seed)] + [k if isinstance(k, int) else int(hashlib.sha256(k.encode()).hexdigest()[:8], 16)
+                           for k in keys]
+    return int(np.random.SeedSequence(parts).generate_state(1, dtype=np.uint32)[0])
+
+
+class MultiView:
+    """Apply a random transform ``n`` times: the sample's ``image`` becomes a list of ``n`` views."""
+
+    def __init__(self, transform: Callable, n: int) -> None:
+        self.transform, self.n = transform, n
+
+    def __call__(self, image: Any) -> list[torch.Tensor]:
+        return [self.transform(image) for _ in range(self.n)]
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A random order of ``range(n)`` that depends only on ``(seed, epoch)``; Lightning calls :meth:`set_epoch`.
+
+    Resuming at an epoch boundary therefore reproduces the uninterrupted run's order.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class SessionDataModule(pl.LightningDataModule):
+    """The training data of one FSCIL session at a time (the runner calls :meth:`set_session` before each fit).
+
+    Args:
+        train_set: The dataset's training split.
+        split: The session split.
+        train_transform: Augmentation of training images (applied ``num_views`` times).
+        eval_transform: Transform of the class-mean (prototype) pass.
+        seed: Run seed; session ``k``'s order in epoch ``e`` is seeded from ``(seed, k, e)``.
+        batch_size: Training batch size.
+        eval_batch_size: Batch size of the prototype pass.
+        num_views: Augmented views per training image.
+        exclude: Training indices left out (unreadable images under ``on_bad_image: skip``).
+    """
+
+    def __init__(self, train_set: LabeledImageDataset, split: SessionSplit, train_transform: Callable,
+                 eval_transform: Callable, seed: int = 0, batch_size: int = 64, eval_batch_size: int = 100,
+                 num_views: int = 1, exclude: set[int] | None = None) -> None:
+        super().__init__()
+        self.train_set, self.split = train_set, split
+        self.train_transform, self.eval_transform = train_transform, eval_transform
+        self.seed, self.batch_size, self.eval_batch_size, self.num_views = seed, batch_size, eval_batch_size, \
+            num_views
+        self.exclude = set(exclude or ())
+        self.session = 0
+        self.label_map = split.label_map()
+        self.classnames = [train_set.classnames[c] for c in split.class_order]
+
+    def set_session(self, session: int) -> None:
+        self.session = session
+        indices = [i for i in self.split.train[session] if i not in self.exclude]
+        self.train_view = self.train_set.subset(indices, self.label_map, self.classnames)
+        self.train_view.transform = MultiView(self.train_transform, self.num_views) if self.num_views > 1 \
+            else self.train_transform
+        self.proto_view = self.train_set.subset(indices, self.label_map, self.classnames)
+        self.proto_view.transform = self.eval_transform
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = EpochSeededSampler(len(self.train_view), derive_seed(self.seed, "order", self.session))
+        # its own generator: creating the iterator draws from it, never from the global RNG
+        return DataLoader(self.train_view, batch_size=self.batch_size, sampler=sampler, num_workers=0,
+                          collate_fn=collate, generator=torch.Generator().manual_seed(0))
+
+    def prototype_dataloader(self) -> DataLoader:
+        return DataLoader(self.proto_view, batch_size=self.eval_batch_size, shuffle=False, num_workers=0,
+                          collate_fn=collate)
+
+
 __all__ = [
-    "SESSION_SPLITS", "SessionSpec", "SessionSplit", "build_session_split", "make_session_split",
-    "read_cec_index_files", "write_cec_index_files",
+    "CEC_BENCHMARKS", "SESSION_SPLITS", "EpochSeededSampler", "MultiView", "SessionDataModule", "SessionSpec",
+    "SessionSplit", "build_session_split", "derive_seed", "make_session_split", "read_cec_index_files",
+    "write_cec_index_files",
 ]

@@ -2,5 +2,7 @@
 
 from visadapt.methods.base import AdapterModule, MissingCheckpointKeysError
 from visadapt.methods.clip_fewshot import ClipFewShot
+from visadapt.methods.fscil import FSCIL_METHODS, CoACT, FrozenClassMean, NaiveLoRAFinetune
 
-__all__ = ["AdapterModule", "ClipFewShot", "MissingCheckpointKeysError"]
+__all__ = ["FSCIL_METHODS", "AdapterModule", "ClipFewShot", "CoACT", "FrozenClassMean", "MissingCheckpointKeysError",
+           "NaiveLoRAFinetune"]

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from visadapt.metrics.classification import harmonic_mean, top1
+
 NEG_INF = float("-inf")
 
 
@@ -50,13 +52,6 @@ def masked_predictions(logits: torch.Tensor, seen_classes: int | Sequence[int]) 
     return mask_unseen(logits, seen_classes).argmax(dim=1)
 
 
-def harmonic_mean(a: float | None, b: float | None) -> float | None:
-    """``2ab / (a + b)``; 0 when both are 0; ``None`` when either is ``None``."""
-    if a is None or b is None:
-        return None
-    return 0.0 if a + b == 0 else 2.0 * a * b / (a + b)
-
-
 def session_accuracy(preds: torch.Tensor | Sequence[int], labels: torch.Tensor | Sequence[int],
                      num_base_classes: int) -> dict[str, float | int | None]:
     """Overall, base-class and novel-class accuracy of one session, plus their harmonic mean.
@@ -73,12 +68,11 @@ def session_accuracy(preds: torch.Tensor | Sequence[int], labels: torch.Tensor |
         raise ValueError(f"preds {tuple(preds.shape)} and labels {tuple(labels.shape)} differ in length")
     if len(labels) == 0:
         raise ValueError("no test samples")
-    correct = preds == labels
     is_base = labels < num_base_classes
     n_base, n_novel = int(is_base.sum()), int((~is_base).sum())
-    base = float(correct[is_base].float().mean()) if n_base else None
-    novel = float(correct[~is_base].float().mean()) if n_novel else None
-    return {"acc": float(correct.float().mean()), "base_acc": base, "novel_acc": novel,
+    base = top1(preds[is_base], labels[is_base]) if n_base else None
+    novel = top1(preds[~is_base], labels[~is_base]) if n_novel else None
+    return {"acc": top1(preds, labels), "base_acc": base, "novel_acc": novel,
             "hm": harmonic_mean(base, novel), "n": len(labels), "n_base": n_base, "n_novel": n_novel}
 
 
