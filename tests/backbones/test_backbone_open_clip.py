@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from visadapt.adapters.targets import parse_target
 from visadapt.backbones import DualEncoder, build_backbone
-from visadapt.backbones.attention import split_slice_suffix
 from visadapt.backbones.open_clip import TINY_OPEN_CLIP_CFG, TINY_OPEN_CLIP_NAME, register_open_clip_config
 from visadapt.backbones.tiny import save_tiny_open_clip
 
@@ -30,8 +30,9 @@ def _outputs(encoder: DualEncoder) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _names(model: nn.Module, rule: str) -> list[str]:
-    pattern = re.compile(split_slice_suffix(rule)[0])
-    return [n for n, _ in model.named_modules() if pattern.fullmatch(n)]
+    """Module names matched by any alternative of ``rule`` (read as the adapter library reads it)."""
+    rules = parse_target(rule)
+    return [n for n, _ in model.named_modules() if any(r.pattern.fullmatch(n) for r in rules)]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_tiny_forward_shapes(tiny) -> None:
 
 def test_presets_match(tiny) -> None:
     model = tiny.model
-    expected = {"attn_qkv", "attn_qv", "attn_proj", "attn_qkv_proj", "mlp", "all_linear"}
+    expected = {"attn_qkv", "attn_qv", "attn_qkv_fused", "attn_proj", "attn_qkv_proj", "mlp", "all_linear"}
     assert expected | {f"vision_{k}" for k in expected} | {f"text_{k}" for k in expected} == set(tiny.target_presets)
     for name, rule in tiny.target_presets.items():
         matched = _names(model, rule)
@@ -66,7 +67,7 @@ def test_presets_match(tiny) -> None:
             assert all(n.startswith("visual.") for n in matched)
         if name.startswith("text_"):
             assert all(n.startswith("text.") for n in matched)
-    assert tiny.target_presets["attn_qv"].endswith("[q,v]")
+    assert tiny.target_presets["attn_qv"].endswith("[q,v]") and tiny.target_presets["attn_qkv"].endswith("[q,k,v]")
     qkv = _names(model, tiny.target_presets["attn_qv"])
     assert len(qkv) == 4
     for name in qkv:

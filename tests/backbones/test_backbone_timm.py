@@ -7,14 +7,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from visadapt.adapters.targets import parse_target
 from visadapt.backbones import ImageEncoder, build_backbone
-from visadapt.backbones.attention import split_slice_suffix
 from visadapt.backbones.tiny import save_tiny_timm
 
 
 def _names(model: nn.Module, rule: str) -> list[str]:
-    pattern = re.compile(split_slice_suffix(rule)[0])
-    return [n for n, _ in model.named_modules() if pattern.fullmatch(n)]
+    """Module names matched by any alternative of ``rule`` (read as the adapter library reads it)."""
+    rules = parse_target(rule)
+    return [n for n, _ in model.named_modules() if any(r.pattern.fullmatch(n) for r in rules)]
 
 
 def _images() -> torch.Tensor:
@@ -37,11 +38,11 @@ def test_tiny_forward_shapes(tiny) -> None:
 
 def test_presets_match(tiny) -> None:
     model = tiny.model
-    assert set(tiny.target_presets) == {"attn_qkv", "attn_qv", "attn_proj", "attn_qkv_proj", "mlp", "all_linear"}
+    assert set(tiny.target_presets) == {"attn_qkv", "attn_qv", "attn_qkv_fused", "attn_proj", "attn_qkv_proj", "mlp", "all_linear"}
     for name, rule in tiny.target_presets.items():
         matched = _names(model, rule)
         assert matched and all(isinstance(model.get_submodule(n), nn.Linear) for n in matched), name
-    assert tiny.target_presets["attn_qv"].endswith("[q,v]")
+    assert tiny.target_presets["attn_qv"].endswith("[q,v]") and tiny.target_presets["attn_qkv"].endswith("[q,k,v]")
     for name in _names(model, tiny.target_presets["attn_qv"]):
         assert name.endswith("attn.qkv") and model.get_submodule(name).out_features == 96
     assert len(_names(model, tiny.target_presets["all_linear"])) == 8
