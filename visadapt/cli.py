@@ -234,6 +234,53 @@ def _flag_given(argv: list[str], key: str) -> bool:
     return any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv)
 
 
+def _adapter_config_classes() -> dict[str, type]:
+    out: dict[str, type] = {}
+    todo = list(AdapterConfig.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        out[cls.__name__] = cls
+        todo += cls.__subclasses__()
+    return out
+
+
+def _check_adapter_class_names(argv: list[str]) -> None:
+    """An unknown adapter ``class_path`` fails with the registered config classes (jsonargparse's own message only
+    says that the value does not validate)."""
+    import importlib
+
+    import yaml
+
+    values = []
+    for i, a in enumerate(argv):
+        for key in ("--model.init_args.adapter.class_path", "--model.adapter.class_path", "--model.init_args.adapter",
+                    "--model.adapter"):
+            if a.startswith(key + "="):
+                values.append(a.split("=", 1)[1])
+            elif a == key and i + 1 < len(argv):
+                values.append(argv[i + 1])
+        if a in ("-c", "--config") and i + 1 < len(argv) and Path(argv[i + 1]).is_file():
+            try:
+                cfg = yaml.safe_load(Path(argv[i + 1]).read_text()) or {}
+                adapter = ((cfg.get("model") or {}).get("init_args") or {}).get("adapter")
+            except (yaml.YAMLError, AttributeError):
+                continue
+            values.append(adapter.get("class_path") if isinstance(adapter, dict) else adapter)
+    known = _adapter_config_classes()
+    for value in values:
+        if not isinstance(value, str) or value.strip().startswith(("{", "null")) or value in known:
+            continue
+        module, _, name = value.rpartition(".")
+        try:
+            ok = bool(module) and isinstance(cls := getattr(importlib.import_module(module), name, None), type) \
+                and issubclass(cls, AdapterConfig)
+        except ImportError:
+            ok = False
+        if not ok:
+            raise UserError(f"unknown adapter config {value!r}; registered: {', '.join(sorted(known))} "
+                            f"(python -m visadapt list adapters)")
+
+
 class VisAdaptCLI(LightningCLI):
     """LightningCLI with visadapt's defaults.
 
@@ -258,6 +305,10 @@ class VisAdaptCLI(LightningCLI):
                              "checkpoint.auto_insert_metric_name": False})
         parser.link_arguments("model", "data.init_args.preprocess", compute_fn=lambda m: m.preprocess,
                               apply_on="instantiate")
+
+    def parse_arguments(self, parser, args) -> None:
+        _check_adapter_class_names(self._argv)
+        super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
         """Never read model arguments back from a checkpoint (a checkpoint must not decide what gets built)."""

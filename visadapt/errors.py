@@ -47,8 +47,23 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
             ValueError, KeyError, NotImplementedError, MisconfigurationException)
 
 
+def _root_cause(err: BaseException) -> BaseException:
+    """jsonargparse wraps an error raised while instantiating a class ("Does not validate against any of the Union
+    subtypes ... Given value: <the whole config>"); the message worth showing is the one it wraps."""
+    seen = {id(err)}
+    while "Does not validate against any of the Union subtypes" in str(err) or "Problem with given class_path" \
+            in str(err):
+        inner = err.__cause__ or err.__context__
+        if inner is None or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        err = inner
+    return err
+
+
 def user_message(err: BaseException) -> str:
-    """The one-line text of ``err`` (``KeyError`` quotes its argument; this does not)."""
+    """The text of ``err`` without wrappers (``KeyError`` quotes its argument; this does not)."""
+    err = _root_cause(err)
     text = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else str(err)
     return str(text).strip() or type(err).__name__
 

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 import re
 from collections import Counter
@@ -100,8 +101,13 @@ def save_adapter(model: nn.Module, path_dir: str | Path, base_identity: str, nam
         "layers": layer_info,
     }
     text = json.dumps(meta, indent=2)
-    (path / CONFIG_FILE).write_text(text + "\n")
-    save_file(_tensors_for_file(state), str(path / WEIGHTS_FILE), metadata={"visadapt": text})
+    # each file is written next to its target and renamed, so a kill never leaves a half-written adapter file
+    tmp = path / f"{WEIGHTS_FILE}.tmp-{os.getpid()}"
+    save_file(_tensors_for_file(state), str(tmp), metadata={"visadapt": text})
+    os.replace(tmp, path / WEIGHTS_FILE)
+    tmp = path / f"{CONFIG_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path / CONFIG_FILE)
     return path
 
 

@@ -74,8 +74,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CorruptFileError(f"{path} is truncated or not a checkpoint ({first}); resume from another checkpoint "
                                "or start the run again") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CorruptFileError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    missing = [k for k in ("state_dict", "pytorch-lightning_version") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CorruptFileError(f"{path} is not a Lightning checkpoint (no {' / '.join(missing)})")
     return ckpt
 
 
