@@ -95,8 +95,9 @@ class FewShotDataModule(pl.LightningDataModule):
     """K-shot classification data from any registered dataset, with CoOp's protocols.
 
     Training uses ``shots`` images per class of the ``train_classes`` subset; validation ``min(shots, 4)`` per
-    class, drawn by the rule of ``draw`` (CoOp's by default, see :mod:`visadapt.data.fewshot`); each entry of ``eval_subsets`` becomes one test dataloader in which the subset's classes are relabelled
-    0..m-1 and scored among themselves (base-to-novel). The selection depends on ``(dataset, shots, seed)`` only.
+    class, drawn by the rule of ``draw`` (CoOp's by default, see :mod:`visadapt.data.fewshot`); each entry of
+    ``eval_subsets`` becomes one test dataloader in which the subset's classes are relabelled 0..m-1 and scored
+    among themselves (base-to-novel). The selection depends on ``(dataset, shots, seed, draw)`` only.
 
     Args:
         dataset: Registered dataset name (``python -m visadapt list datasets``).
