@@ -59,3 +59,24 @@ def test_print_config_is_complete():
     for key in ("seed_everything:", "trainer:", "ClipFewShot", "class_path: visadapt.adapters", "n_blocks:",
                 "FewShotDataModule", "checkpoint:", "optimizer:", "image_size: 112"):
         assert key in r.stdout, key
+
+
+def test_user_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    import os
+
+    r = run("fit", "-c", "tests/faults/tiny_fit.yaml", "--ckpt_path", str(tmp_path / "nowhere.ckpt"))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+    assert errors == [f"python -m visadapt: error: checkpoint not found: {tmp_path / 'nowhere.ckpt'}"]
+    env = {**os.environ, "VISADAPT_DEBUG": "1"}
+    r = subprocess.run([sys.executable, "-m", "visadapt", "fit", "-c", "tests/faults/tiny_fit.yaml", "--ckpt_path",
+                        str(tmp_path / "nowhere.ckpt")], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0 and "Traceback" in r.stderr and "checkpoint not found" in r.stderr
+
+
+def test_checkpoint_defaults_keep_last_ckpt_current():
+    r = run("fit", "-c", "tasks/clip_fewshot.yaml", "--print_config")
+    assert r.returncode == 0, r.stderr
+    text = r.stdout
+    assert "save_last: true" in text and "every_n_train_steps: 200" in text

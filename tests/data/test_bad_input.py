@@ -35,3 +35,28 @@ def test_fashion_mnist_real_files():
     assert s["image"].size == (28, 28) and s["classname"] == "Ankle boot"
     inv = fashion_mnist(split="test", invert=True)
     assert (inv.images[0].astype(int) + ds.images[0] == 255).all()
+
+
+def test_resumable_loader_keeps_dataloader_order_and_resumes_mid_epoch():
+    import torch
+    from torch.utils.data import DataLoader
+
+    from visadapt.data.base import ResumableDataLoader
+
+    data = list(range(10))
+    torch.manual_seed(3)
+    plain = [b.tolist() for b in DataLoader(data, batch_size=3, shuffle=True)]
+    torch.manual_seed(3)
+    loader = ResumableDataLoader(data, batch_size=3, shuffle=True)
+    it = iter(loader)
+    first = [next(it).tolist(), next(it).tolist()]
+    state = loader.state_dict()
+    rest = [b.tolist() for b in it]
+    assert first + rest == plain  # the same order as DataLoader(shuffle=True) for the same global state
+    after = torch.rand(3)  # what the run draws next
+    torch.manual_seed(99)  # a resumed process starts from another random state
+    resumed = ResumableDataLoader(data, batch_size=3, shuffle=True)
+    resumed.load_state_dict(state)
+    assert [b.tolist() for b in resumed] == rest
+    assert torch.equal(torch.rand(3), after)  # and the random state continues where the checkpoint left it
+    assert [b.tolist() for b in resumed] != rest  # the next epoch draws a new order
