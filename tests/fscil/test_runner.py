@@ -182,6 +182,8 @@ def test_help_and_print_config(capsys):
 
 
 def test_toy_dataset_is_registered():
-    assert TOY in DATASETS and DATASETS.get(TOY) is toy_dataset
-    ds = create_dataset(TOY, split="train")
-    assert len(ds) == 60 and ds.classnames[:2] == ["class0", "class1"]
+    assert TOY in DATASETS and TOY in DATASETS.names()
+    ds = create_dataset(TOY, split="train")  # through the registry, by name
+    direct = toy_dataset(split="train")
+    assert len(ds) == 60 and ds.labels == direct.labels and ds.classnames[:2] == ["class0", "class1"]
+    assert list(ds.load(7).getdata()) == list(direct.load(7).getdata())

@@ -637,8 +637,8 @@ def fscil_main(args: list[str] | None = None, after_session: Callable[[str, int]
         torch.set_num_threads(int(init.num_threads))
     config = {k: v for k, v in config.items() if k in {"task", "seed_everything", "methods", "trainer", "model", "data",
                                                         *NOT_HASHED} or k in names}
-    trainer = {k: _instantiate(v) for k, v in cfg.trainer.as_dict().items() if v is not None} \
-        if cfg.get("trainer") else {}
+    trainer = {k: _instantiate(v) for k, v in (cfg.trainer.as_dict() if cfg.get("trainer") else {}).items()
+               if v is not None and not k.startswith("__")}  # __path__: the file given with --trainer FILE
     runner = FSCILRunner(task=init.task, data=init.data, model=init.model, methods={n: init[n] for n in names},
                          trainer=trainer, seed=init.seed_everything, out_dir=init.out_dir, runs_root=init.runs_root,
                          resume=init.resume, show_progress=init.show_progress, config=config, callbacks=callbacks)
