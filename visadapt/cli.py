@@ -3,7 +3,9 @@
 Models and datamodules are chosen in subclass mode (``model: {class_path: ClipFewShot, init_args: ...}``). The
 optimiser is injected into the module (``model.init_args.optimizer``) and sees only trainable parameters. Runs are
 written under ``runs/<task>/version_N/`` by the CSV logger each task names. Config errors are reported by
-jsonargparse with the offending key; ``JSONARGPARSE_DEBUG=1`` adds the full traceback.
+jsonargparse with the offending key; ``JSONARGPARSE_DEBUG=1`` adds the full traceback. Other user errors (paths,
+files, values, targets) print one line naming the file or setting and exit with code 2; ``VISADAPT_DEBUG=1`` shows
+the traceback (:mod:`visadapt.errors`).
 """
 
 from __future__ import annotations
