@@ -13,11 +13,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fscil_helpers  # noqa: E402,F401  (registers fscil_toy)
-import torch  # noqa: E402
-from lightning.pytorch import Callback  # noqa: E402
+import fscil_helpers  # noqa: F401  (registers fscil_toy)
+import torch
+from lightning.pytorch import Callback
 
-from visadapt.protocols.fscil import fscil_main  # noqa: E402
+from visadapt.protocols.fscil import fscil_main
 
 
 class KillMidSession(Callback):

@@ -34,7 +34,7 @@ def toy_dataset(root=None, split="train", transform=None, num_classes=6, per_cla
 
 
 class _WithBadImages(ArrayImageDataset):
-    bad: set = set()
+    bad: frozenset = frozenset()
 
     def load(self, index):
         if index in self.bad:

@@ -127,7 +127,8 @@ def test_unreadable_images_are_skipped_at_evaluation_and_counted(tmp_path):
     rows = report["methods"]["frozen_class_mean"]["sessions"]
     # 5 test images per class; one base-class (class 0) and one novel (class 3) image are left out, not replaced
     assert [(r["n"], r["n_base"], r["n_novel"]) for r in rows] == [(14, 14, 0), (18, 14, 5 - 1), (23, 14, 10 - 1)]
-    assert f"Unreadable images left out: {len(BAD_TRAIN) + len(BAD_TEST)}" in (tmp_path / "skip" / "results.md").read_text()
+    md = (tmp_path / "skip" / "results.md").read_text()
+    assert f"Unreadable images left out: {len(BAD_TRAIN) + len(BAD_TEST)}" in md
 
 
 class _Oracle:
@@ -187,3 +188,36 @@ def test_toy_dataset_is_registered():
     direct = toy_dataset(split="train")
     assert len(ds) == 60 and ds.labels == direct.labels and ds.classnames[:2] == ["class0", "class1"]
     assert list(ds.load(7).getdata()) == list(direct.load(7).getdata())
+
+
+def test_progress_goes_through_logging_not_print(tmp_path, capsys, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="visadapt"):
+        fscil_main(_args(f"--out_dir={tmp_path}", "--methods=[frozen_class_mean]"))
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("visadapt.protocols.fscil")]
+    assert any(m.startswith("frozen_class_mean session 2: 5 classes") for m in messages)
+    out = capsys.readouterr().out
+    assert "frozen_class_mean session 2:" not in out  # stdout holds the command's result tables only
+    assert "### comparison (%)" in out
+
+
+def test_methods_are_registered_lightning_modules_without_hand_written_loops():
+    import inspect
+    import re
+
+    from lightning.pytorch import LightningModule
+
+    import visadapt.methods.fscil as package
+    import visadapt.protocols.fscil as protocol
+    from visadapt.methods.fscil import FSCIL_METHODS
+
+    assert set(FSCIL_METHODS.names()) == {"coact", "frozen_class_mean", "naive_lora_finetune"}
+    assert all(issubclass(FSCIL_METHODS.get(n), LightningModule) for n in FSCIL_METHODS.names())
+    sources = [protocol.__file__, *Path(package.__file__).parent.glob("*.py")]
+    for path in sources:
+        code = Path(path).read_text()
+        for pattern in (r"\.backward\(", r"\.step\(\)", r"zero_grad\(", r"for epoch in range"):
+            assert not re.search(pattern, code), f"{path}: {pattern}"
+        assert not re.search(r"^\s*import (timm|transformers)|^\s*from (timm|transformers)", code, re.MULTILINE), path
+    assert "configure_optimizers" in inspect.getsource(FSCIL_METHODS.get("coact").__mro__[1])

@@ -44,6 +44,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -216,9 +217,9 @@ class FSCILRunner:
         try:
             state = json.loads(file.read_text())
             if not isinstance(state, dict):
-                raise ValueError("not a JSON object")
+                raise TypeError("not a JSON object")
             return state
-        except (ValueError, OSError) as e:
+        except (ValueError, TypeError, OSError) as e:
             raise RuntimeError(f"{file} is corrupt ({e}); delete it (the run's finished sessions stay) and rerun, "
                                "or choose another out_dir") from None
 
@@ -471,23 +472,32 @@ class FSCILRunner:
         for q in quiet:  # Lightning's per-Trainer notices (GPU available, ...) would repeat for every session
             q.setLevel(logging.WARNING)
         try:
-            train, test = self._datasets()
-            for ds in (train, test):  # files a reader already left out under on_bad_image: skip
-                for entry in getattr(ds, "skipped", []):
-                    self.skipped.setdefault(str(entry).split(": ", 1)[0], str(entry))
-            split = self._split(train, test)
-            log.info(f"fscil: {split.describe()}; output in {self.out}")
-            results: dict[str, list[dict[str, Any]]] = {}
-            for name, method in self.methods.items():
-                results[name] = self._run_method(name, method, split, train, test, after_session)
-            report = self._write_reports(results, split, time.perf_counter() - start)
-            self._write_run_json("complete", seconds=round(time.perf_counter() - start, 1))
+            with warnings.catch_warnings():
+                # AdapterModule.train keeps the frozen encoder in eval mode on purpose: Lightning's notice, once
+                # per session, would bury the progress messages
+                warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+                report = self._run_all(after_session, start)
         finally:
             for q, level in zip(quiet, levels):
                 q.setLevel(level)
             for logger, handler in attached:
                 logger.removeHandler(handler)
                 handler.close()
+        return report
+
+    def _run_all(self, after_session: Callable[[str, int], None] | None, start: float) -> dict[str, Any]:
+        """Read the data, split it, run every method, write the reports."""
+        train, test = self._datasets()
+        for ds in (train, test):  # files a reader already left out under on_bad_image: skip
+            for entry in getattr(ds, "skipped", []):
+                self.skipped.setdefault(str(entry).split(": ", 1)[0], str(entry))
+        split = self._split(train, test)
+        log.info(f"fscil: {split.describe()}; output in {self.out}")
+        results: dict[str, list[dict[str, Any]]] = {}
+        for name, method in self.methods.items():
+            results[name] = self._run_method(name, method, split, train, test, after_session)
+        report = self._write_reports(results, split, time.perf_counter() - start)
+        self._write_run_json("complete", seconds=round(time.perf_counter() - start, 1))
         return report
 
     def _write_reports(self, results: dict[str, list[dict[str, Any]]], split: SessionSplit,
