@@ -60,9 +60,6 @@ KNOWN_OPEN: dict[tuple[str, str], str] = {
         "the 'hardening' helper works on it (e.g. BadImageError subclasses UserError, or the CLI adds the type)",
     ("lightning", "visadapt/errors.py"):
         "errors.py (core) lazily imports lightning.fabric for MisconfigurationException; same owner and fix",
-    ("model_building", "visadapt/methods/coact.py"):
-        "issue 10 item 2: coact.py still builds its encoders with timm / transformers; the 'fscil' helper moves "
-        "FSCIL to methods/fscil/ on the backbones registry",
 }
 """(check, file) -> why it is still open. Remove an entry when its strict xfail starts to pass."""
 
