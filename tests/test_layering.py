@@ -54,13 +54,7 @@ MODEL_LIBRARIES = ("timm", "transformers", "open_clip", "diffusers", "peft")
 NO_MODEL_BUILDING = ("methods", "protocols")
 NO_LIGHTNING = ("core", "adapters", "metrics")
 
-KNOWN_OPEN: dict[tuple[str, str], str] = {
-    ("layers", "visadapt/errors.py"):
-        "errors.py (core: methods/base.py imports it) lazily imports visadapt.data.base for BadImageError; open while "
-        "the 'hardening' helper works on it (e.g. BadImageError subclasses UserError, or the CLI adds the type)",
-    ("lightning", "visadapt/errors.py"):
-        "errors.py (core) lazily imports lightning.fabric for MisconfigurationException; same owner and fix",
-}
+KNOWN_OPEN: dict[tuple[str, str], str] = {}
 """(check, file) -> why it is still open. Remove an entry when its strict xfail starts to pass."""
 
 

@@ -418,7 +418,9 @@ def cli_main(args: ArgsType = None) -> VisAdaptCLI | int | dict | None:
     """Entry point of ``python -m visadapt``; ``args`` replaces ``sys.argv[1:]`` (for tests and notebooks)."""
     argv = list(sys.argv[1:] if args is None else args)
     if args is None:  # the command line: a user error prints one line (VISADAPT_DEBUG=1 for the traceback)
-        with report_user_errors(PROG):
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        with report_user_errors(PROG, extra_types=(MisconfigurationException,)):
             return _dispatch(argv, None)
     return _dispatch(argv, argv)
 

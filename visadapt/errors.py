@@ -36,15 +36,13 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    from visadapt.data.base import BadImageError
-
-    # ValueError / KeyError / FileNotFoundError are what the package raises for bad paths, values and names; their
-    # messages name the setting. A bug raising one of them still gets its traceback with VISADAPT_DEBUG=1.
-    return (UserError, BadImageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-            ValueError, KeyError, NotImplementedError, MisconfigurationException)
+USER_ERROR_TYPES: tuple[type[BaseException], ...] = (
+    UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError, KeyError,
+    NotImplementedError)
+"""What the package raises for bad paths, values and names (``data.base.BadImageError`` is a ``ValueError``); their
+messages name the setting. A bug raising one of them still gets its traceback with ``VISADAPT_DEBUG=1``. Callers in
+higher layers add their own types (the CLI adds Lightning's ``MisconfigurationException``), so this core module
+imports no other layer."""
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -69,14 +67,16 @@ def user_message(err: BaseException) -> str:
 
 
 @contextmanager
-def report_user_errors(prog: str = "visadapt") -> Iterator[None]:
-    """Run a block; a user error becomes ``<prog>: error: <message>`` on stderr and ``SystemExit(2)``.
+def report_user_errors(prog: str = "visadapt",
+                       extra_types: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Run a block; a user error (:data:`USER_ERROR_TYPES` plus ``extra_types``) becomes ``<prog>: error:
+    <message>`` on stderr and ``SystemExit(2)``.
 
     With ``VISADAPT_DEBUG=1`` the exception propagates unchanged (full traceback).
     """
     try:
         yield
-    except _user_error_types() as err:
+    except USER_ERROR_TYPES + tuple(extra_types) as err:
         if debug_enabled():
             raise
         print(f"{prog}: error: {user_message(err)}", file=sys.stderr)
