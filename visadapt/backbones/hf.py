@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from visadapt.backbones.base import (
     ImageEncoder,
     Preprocess,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "HF_BLOCK_PATTERN",
@@ -311,7 +314,8 @@ def hf_clip_backbone(model_dir: str, tokenizer: str | None = None) -> Backbone:
     elif _has_tokenizer_files(model_dir):
         tok = _load(AutoTokenizer, model_dir, "tokenizer")
     elif clip.config.text_config.vocab_size == 49408:
-        print(f"hf_clip: {model_dir} has no tokenizer files; using the CLIP BPE vocabulary bundled with open_clip")
+        log.warning("hf_clip: %s has no tokenizer files; using the CLIP BPE vocabulary bundled with open_clip",
+                    model_dir)
         tok = clip_tokenizer(context)
     else:
         raise FileNotFoundError(
