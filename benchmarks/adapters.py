@@ -288,6 +288,16 @@ def bench_layer(args, device: torch.device) -> dict:
         )
     x = torch.randn(tokens, dim, device=device, requires_grad=True)
     grad = torch.randn(tokens, 3 * dim, device=device)
+    flops = {}
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for key, layer in impls.items():  # exact FLOPs of fwd+bwd (matmuls), immune to the machine's load
+        with FlopCounterMode(display=False) as counter:
+            layer(x).backward(grad)
+        flops[key] = counter.get_total_flops()
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
     times: dict[str, list[float]] = {k: [] for k in impls}
     for rnd in range(3 + args.layer_reps):
         for key, layer in _rotated(impls, rnd):
@@ -300,7 +310,8 @@ def bench_layer(args, device: torch.device) -> dict:
             x.grad = None
             for p in layer.parameters():
                 p.grad = None
-    return {key: {"fwd_bwd_ms_median": 1e3 * statistics.median(v)} for key, v in times.items()}
+    return {key: {"fwd_bwd_ms_median": 1e3 * statistics.median(v), "fwd_bwd_flops": flops[key]}
+            for key, v in times.items()}
 
 
 def _load_average() -> str:
@@ -385,14 +396,20 @@ def layer_report(results: dict) -> str:
         f"{results['device']} ({results['threads']} thread(s), load average {results['load_average']}), median of "
         f"{results['layer_reps']} interleaved repetitions",
         "",
-        "| implementation | ms | adapter overhead ms (minus frozen) | overhead vs LoRA q,v |",
-        "|---|---:|---:|---:|",
+        "| implementation | ms | adapter overhead ms (minus frozen) | overhead vs LoRA q,v | adapter GFLOP (fwd+bwd) |"
+        " vs LoRA q,v |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    base_flops = layer["frozen_linear"]["fwd_bwd_flops"]
+    lora_flops = layer["visadapt_lora_qv"]["fwd_bwd_flops"] - base_flops
     for key, value in layer.items():
-        ms = value["fwd_bwd_ms_median"]
-        extra = "-" if key == "frozen_linear" else f"{ms - base_ms:.1f}"
-        ratio = "-" if key == "frozen_linear" else _ratio(ms - base_ms, lora_ms - base_ms)
-        lines.append(f"| {key} | {ms:.1f} | {extra} | {ratio} |")
+        ms, flops = value["fwd_bwd_ms_median"], value["fwd_bwd_flops"] - base_flops
+        frozen = key == "frozen_linear"
+        extra = "-" if frozen else f"{ms - base_ms:.1f}"
+        ratio = "-" if frozen else _ratio(ms - base_ms, lora_ms - base_ms)
+        gflop = "-" if frozen else f"{flops / 1e9:.3f}"
+        flop_ratio = "-" if frozen else _ratio(flops, lora_flops)
+        lines.append(f"| {key} | {ms:.1f} | {extra} | {ratio} | {gflop} | {flop_ratio} |")
     return "\n".join(lines)
 
 
