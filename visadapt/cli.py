@@ -269,7 +269,16 @@ def _check_adapter_class_names(argv: list[str]) -> None:
                 continue
             values.append(adapter.get("class_path") if isinstance(adapter, dict) else adapter)
     known = _adapter_config_classes()
+    for value in list(values):
+        if isinstance(value, str) and value.endswith((".yaml", ".yml")) and Path(value).is_file():
+            try:  # an adapter fragment file: check the class it names
+                frag = yaml.safe_load(Path(value).read_text()) or {}
+            except yaml.YAMLError:
+                continue  # jsonargparse reports the YAML error with the file name
+            values.append(frag.get("class_path") if isinstance(frag, dict) else None)
     for value in values:
+        if isinstance(value, str) and value.endswith((".yaml", ".yml")) and Path(value).is_file():
+            continue
         if not isinstance(value, str) or value.strip().startswith(("{", "null")) or value in known:
             continue
         module, _, name = value.rpartition(".")

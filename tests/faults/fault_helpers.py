@@ -1,5 +1,8 @@
-"""Helpers of the fault suite: run the CLI in a forked child (modules already imported, so it starts in
-milliseconds), kill it with SIGKILL at a chosen point, and read what a run left on disk."""
+"""Helpers of the fault suite: run the CLI in a child process, kill it with SIGKILL at a chosen point, and read
+what a run left on disk.
+
+The child is *spawned*, not forked: a fork taken after torch has started its OpenMP thread pool (any earlier test in
+the same pytest process) deadlocks in the child's first parallel kernel."""
 
 from __future__ import annotations
 
@@ -51,9 +54,9 @@ def _child(cwd: str, args: list[str], env: dict[str, str]) -> None:
 
 
 def run_fit(cwd: Path, *extra: str, env: dict[str, str] | None = None, timeout: float = 600) -> int:
-    """``python -m visadapt fit -c tiny_fit.yaml *extra`` in a forked child in ``cwd``; returns its exit code
+    """``python -m visadapt fit -c tiny_fit.yaml *extra`` in a spawned child in ``cwd``; returns its exit code
     (``-9`` when it was killed)."""
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")
     p = ctx.Process(target=_child, args=(str(cwd), ["fit", "-c", str(TINY_FIT), *extra], dict(env or {})))
     p.start()
     p.join(timeout)
