@@ -141,15 +141,20 @@ def classnames_by_label(entries: list[tuple[str, int]], source: Path | str) -> l
     return [names[i] for i in range(len(names))]
 
 
+def _read_split_rows(path: Path) -> dict[str, list[tuple[str, int, str]]]:
+    """``{split: [(relative path, label, classname), ...]}`` from a ``split_zhou_*.json``, or an error naming it."""
+    try:
+        data = json.loads(path.read_text())
+        return {s: [(str(p), int(y), str(c)) for p, y, c in data[s]] for s in SPLITS}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a CoOp split file ({{'train'|'val'|'test': [[path, label, classname], "
+                         f"...]}}): {e!r}") from e
+
+
 def read_split_json(layout: CoOpLayout, dataset_dir: Path, split: str) -> tuple[list[Path], list[int], list[str]]:
     """Paths and labels of ``split`` plus the class names of all splits, from a ``split_zhou_*.json``."""
     split_path = dataset_dir / layout.split_file
-    try:
-        data = json.loads(split_path.read_text())
-        rows = {s: [(str(p), int(y), str(c)) for p, y, c in data[s]] for s in SPLITS}
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{split_path}: not a CoOp split file ({{'train'|'val'|'test': [[path, label, classname], "
-                         f"...]}}): {e!r}") from e
+    rows = _read_split_rows(split_path)
     rename = layout.classname_map or {}
     classnames = classnames_by_label([(rename.get(c, c), y) for s in SPLITS for _, y, c in rows[s]], split_path)
     image_dir = dataset_dir / layout.image_dir
@@ -288,12 +293,7 @@ def coop_split(root: str, split: str = "train", split_file: str | None = None, i
     if split not in SPLITS:
         raise ValueError(f"coop_split: split must be one of {SPLITS}, got {split!r}")
     path = find_split_file(Path(root).expanduser(), split_file)
-    try:
-        data = json.loads(path.read_text())
-        rows = {s: [(str(p), int(y), str(c)) for p, y, c in data[s]] for s in SPLITS}
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a CoOp split file ({{'train'|'val'|'test': [[path, label, classname], "
-                         f"...]}}): {e!r}") from e
+    rows = _read_split_rows(path)
     classnames = classnames_by_label([(c, y) for s in SPLITS for _, y, c in rows[s]], path)
     first = next((p for s in SPLITS for p, _, _ in rows[s]), None)
     if first is None:
