@@ -15,3 +15,14 @@ for _k, _v in {
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_cwd():
+    """Tests that ``chdir`` into their tmp_path must not move the tests after them (relative task paths)."""
+    cwd = os.getcwd()
+    yield
+    os.chdir(cwd)

@@ -2,14 +2,19 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from visadapt.cli import cli_main
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "visadapt", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "visadapt", *args], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
 
 
 def test_top_level_help_names_prog_and_extra_commands(capsys):

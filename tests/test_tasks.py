@@ -9,7 +9,8 @@ import yaml
 from visadapt.cli import cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
-FIT_TASKS = sorted(p for p in (ROOT / "tasks").glob("*.yaml") if "model" in yaml.safe_load(p.read_text()))
+FIT_TASKS = sorted(p for p in (ROOT / "tasks").glob("*.yaml")
+                   if "class_path" in (yaml.safe_load(p.read_text()).get("model") or {}))  # `fit` tasks (not fscil)
 PAPER_CLIP = sorted((ROOT / "configs" / "paper" / "clip_fewshot").glob("*.yaml"))
 TRAINER_FRAGMENTS = sorted((ROOT / "configs" / "trainer").glob("*.yaml"))
 ADAPTER_FRAGMENTS = sorted((ROOT / "configs" / "adapters").glob("*.yaml"))
