@@ -30,9 +30,9 @@ each is also listed in ``docs/fscil.md``):
   is seeded from ``(seed, session)`` by the runner, so runs (and resumed runs) are reproducible.
 * *Unseen classes are masked.* The official evaluation takes the argmax over all ``C_total`` classifier rows and its
   cross-entropy runs over all of them; here evaluation and cross-entropy use only the classes seen so far
-  (``ce_over="all"`` restores the training behaviour), and the consistency MSE compares only the base-class logits,
-  and the consistency MSE compares all ``C_total`` logits as the official code does (``consistency_over="base"``
-  compares only the base-class logits, the ones the base model was trained for).
+  (``ce_over="all"`` restores the training behaviour). The consistency MSE compares all ``C_total`` logits, as the
+  official code does (``consistency_over="base"`` compares only the base-class logits, the ones the base model was
+  trained for).
 * *Frozen references stay frozen.* In incremental sessions the official code runs the base model and the
   pretrained model through their training forward, which also EMA-updates their teachers; here the three reference
   networks are not updated. The current model's own teacher is not updated after the base session either (it is no
