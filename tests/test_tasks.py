@@ -9,8 +9,9 @@ import yaml
 from visadapt.cli import cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
+# CLIP few-shot `fit` tasks (FSCIL, tracking, manipulation and text-to-image tasks are tested in their own folders)
 FIT_TASKS = sorted(p for p in (ROOT / "tasks").glob("*.yaml")
-                   if "class_path" in (yaml.safe_load(p.read_text()).get("model") or {}))  # `fit` tasks (not fscil)
+                   if (yaml.safe_load(p.read_text()).get("model") or {}).get("class_path", "").endswith("ClipFewShot"))
 PAPER_CLIP = sorted((ROOT / "configs" / "paper" / "clip_fewshot").glob("*.yaml"))
 TRAINER_FRAGMENTS = sorted((ROOT / "configs" / "trainer").glob("*.yaml"))
 ADAPTER_FRAGMENTS = sorted((ROOT / "configs" / "adapters").glob("*.yaml"))
