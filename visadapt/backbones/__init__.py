@@ -13,6 +13,7 @@ from visadapt.backbones import (
     open_clip,  # noqa: F401  (registers open_clip, tiny_open_clip)
     timm,  # noqa: F401  (registers timm, tiny_vit)
     tiny,  # noqa: F401  (index of the tiny test backbones)
+    vlm,  # noqa: F401  (registers manipshield_vlm, tiny_vlm, hf_vlm)
 )
 from visadapt.backbones._registry import BACKBONES, register_backbone
 from visadapt.backbones.base import Backbone, DualEncoder, ImageEncoder, Preprocess, to_device
