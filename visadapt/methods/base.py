@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 import visadapt
-from visadapt.adapters import adapter_layers
+from visadapt.adapters import REGULARISERS, SCHEDULES, adapter_layers, variant_name
 from visadapt.errors import CorruptFileError, UnsafeCheckpointError
 from visadapt.rng import capture_rng_states, restore_rng_states
 
@@ -195,6 +195,42 @@ class AdapterModule(pl.LightningModule):
         """Training time of the whole run so far, including the time before a resume."""
         running = 0.0 if self._train_t0 is None else time.perf_counter() - self._train_t0
         return self.resumed_train_seconds + running
+
+    # -- adapter companions ------------------------------------------------------------------------------------
+    def adapter_variants(self) -> list[str]:
+        """Registered variant names of the adapters injected in this module, in order of first appearance."""
+        names: dict[str, None] = {}
+        for _, layer in adapter_layers(self):
+            names.update(dict.fromkeys(variant_name(c) for c in layer.configs.values()))
+        return list(names)
+
+    def adapter_regularisation(self) -> torch.Tensor | None:
+        """Sum of the ``REGULARISERS`` registered under the injected adapters' variant names (each is called as
+        ``fn(module) -> Tensor | None``), or ``None`` when no variant has one. Methods add it to the task loss."""
+        total = None
+        for variant in self.adapter_variants():
+            if variant in REGULARISERS:
+                term = REGULARISERS.get(variant)(self)
+                if term is not None:
+                    total = term if total is None else total + term
+        return total
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After each optimiser step, run the ``SCHEDULES`` registered under the injected adapters' variant names
+        (a class, instantiated once per fit; its ``on_train_step_end(module, step, total_steps, lr)`` is called)."""
+        step = int(self.global_step)
+        if step == getattr(self, "_companion_step", None):
+            return  # gradient accumulation: no optimiser step since the last call
+        self._companion_step = step
+        schedules = getattr(self, "_schedules", None)
+        if schedules is None:
+            schedules = self._schedules = [SCHEDULES.get(v)() for v in self.adapter_variants() if v in SCHEDULES]
+        if schedules:
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            optimizers = self.trainer.optimizers
+            lr = float(optimizers[0].param_groups[0]["lr"]) if optimizers else 0.0
+            for schedule in schedules:
+                schedule.on_train_step_end(self, step, total, lr)
 
     def on_train_start(self) -> None:
         self._train_t0 = time.perf_counter()

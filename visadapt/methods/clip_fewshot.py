@@ -202,8 +202,9 @@ class ClipFewShot(AdapterModule):
     # -- training -------------------------------------------------------------------------------------------------
     def loss_on(self, batch: dict[str, Any]) -> torch.Tensor:
         text = self.text_features(self.datamodule.subset_classnames(self.datamodule.train_classes))
-        return F.cross_entropy(self.logits(batch["image"], text), batch["label"],
-                               label_smoothing=self.label_smoothing)
+        loss = F.cross_entropy(self.logits(batch["image"], text), batch["label"], label_smoothing=self.label_smoothing)
+        extra = self.adapter_regularisation()  # the adapters' own loss terms (REGULARISERS), if any
+        return loss if extra is None else loss + extra
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if self.glad is not None:
