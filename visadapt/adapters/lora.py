@@ -31,9 +31,13 @@ class LoRAConfig(AdapterConfig):
     """Dropout probability on the adapter branch's input only (the base layer sees the clean input)."""
     rslora: bool = False
     """Rank-stabilised scaling ``alpha / sqrt(r)`` instead of ``alpha / r``."""
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: Literal["kaiming", "gaussian", "trunc_normal"] = "kaiming"
     """``kaiming``: ``A`` kaiming-uniform (``a=sqrt(5)``, as ``nn.Linear``); ``gaussian``: ``A ~ N(0, 1/r)``.
-    ``B`` is zero in both, so the model is unchanged at injection."""
+    ``B`` is zero in both, so the model is unchanged at injection. ``trunc_normal``: ``A`` *and* ``B`` truncated
+    normal with std ``init_std`` (cut at +-2 absolute, as timm's ``trunc_normal_``): LoRAT's "bert" init; the model
+    is then no longer unchanged at injection."""
+    init_std: float = 0.02
+    """Standard deviation of the ``trunc_normal`` init (unused by the others)."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module rank: regular expression (matched in full against the module name, without slice suffix) ->
     ``r``. The first matching entry wins; unmatched modules use ``r``."""
@@ -46,8 +50,10 @@ class LoRAConfig(AdapterConfig):
             raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in ("kaiming", "gaussian"):
-            raise ValueError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        if self.init not in ("kaiming", "gaussian", "trunc_normal"):
+            raise ValueError(f"init must be 'kaiming', 'gaussian' or 'trunc_normal', got {self.init!r}")
+        if not self.init_std > 0:
+            raise ValueError(f"init_std must be > 0, got {self.init_std!r}")
         for key, rank in self.rank_pattern.items():
             re.compile(key)
             if not isinstance(rank, int) or rank < 1:
@@ -65,7 +71,7 @@ class LoRAConfig(AdapterConfig):
 
 @register_adapter("lora")
 class LoRA(Adapter):
-    """LoRA: ΔW = s·B·A, s = alpha/r or alpha/sqrt(r) (rsLoRA); kaiming or gaussian A, zero B."""
+    """LoRA: ΔW = s·B·A, s = alpha/r or alpha/sqrt(r) (rsLoRA); kaiming or gaussian A, zero B (or both trunc-normal)."""
 
     config_class = LoRAConfig
     peft_native = True
@@ -77,7 +83,12 @@ class LoRA(Adapter):
         self.scale = lora_scale(config.alpha, config.r, config.rslora)
         self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r, **kw))
-        init_down_projection(self.lora_A, config.init, config.r)
+        if config.init == "trunc_normal":  # LoRAT ("bert" init): both factors random, B @ A != 0 at injection
+            with torch.no_grad():
+                nn.init.trunc_normal_(self.lora_A, std=config.init_std)
+                nn.init.trunc_normal_(self.lora_B, std=config.init_std)
+        else:
+            init_down_projection(self.lora_A, config.init, config.r)
         if config.dropout > 0:
             self.dropout = nn.Dropout(config.dropout)
 

@@ -14,6 +14,7 @@ from visadapt.backbones import (
     timm,  # noqa: F401  (registers timm, tiny_vit)
     tiny,  # noqa: F401  (index of the tiny test backbones)
     vlm,  # noqa: F401  (registers manipshield_vlm, tiny_vlm, hf_vlm)
+    tracking_vit,  # noqa: F401  (registers tracking_vit, tiny_tracking_vit)
 )
 from visadapt.backbones._registry import BACKBONES, register_backbone
 from visadapt.backbones.base import Backbone, DualEncoder, ImageEncoder, Preprocess, to_device

@@ -3,6 +3,7 @@
 from visadapt.methods.base import AdapterModule, MissingCheckpointKeysError
 from visadapt.methods.clip_fewshot import ClipFewShot
 from visadapt.methods.fscil import FSCIL_METHODS, CoACT, FrozenClassMean, NaiveLoRAFinetune
+from visadapt.methods.lorat import LoRAT
 
-__all__ = ["FSCIL_METHODS", "AdapterModule", "ClipFewShot", "CoACT", "FrozenClassMean", "MissingCheckpointKeysError",
-           "NaiveLoRAFinetune"]
+__all__ = ["FSCIL_METHODS", "AdapterModule", "ClipFewShot", "CoACT", "FrozenClassMean", "LoRAT",
+           "MissingCheckpointKeysError", "NaiveLoRAFinetune"]
