@@ -41,6 +41,7 @@ from visadapt.adapters.inject import (
     set_adapters_enabled,
     unmerge_adapters,
 )
+from visadapt.adapters.diffusers_io import import_diffusers, read_diffusers_lora
 from visadapt.adapters.io import export_diffusers, export_peft, import_peft, load_adapter, save_adapter
 from visadapt.adapters.lora import LoRA, LoRAConfig
 
@@ -68,12 +69,14 @@ __all__ = [
     "disable_adapters",
     "export_diffusers",
     "export_peft",
+    "import_diffusers",
     "import_peft",
     "inject",
     "is_adapter_param",
     "load_adapter",
     "load_adapter_state_dict",
     "merge_adapters",
+    "read_diffusers_lora",
     "register_adapter",
     "save_adapter",
     "set_active_adapter",

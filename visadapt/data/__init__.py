@@ -8,6 +8,7 @@ from visadapt.data import (  # noqa: F401  (each module registers its datasets)
     coop,
     cub,
     digits,
+    dreambooth,
     fashion_mnist,
     imagefolder,
     imagenet_variants,
