@@ -40,7 +40,10 @@ def test_list_datasets_and_tasks(capsys):
     out = capsys.readouterr().out
     assert "fashion_mnist" in out and "procedural_shapes" in out and "sample_photos" in out
     assert cli_main(["list", "tasks"]) == 0
-    assert "clip_fewshot" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # every task is listed with the command its header names (fscil is not run with fit)
+    assert "run: python -m visadapt fit -c tasks/clip_fewshot.yaml" in out
+    assert "run: python -m visadapt fscil -c tasks/fscil_coact.yaml" in out
     assert cli_main(["list", "nonsense"]) == 2
 
 

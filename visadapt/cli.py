@@ -415,10 +415,14 @@ def _list(argv: list[str]) -> int:
     if what in ("tasks", "all"):
         from visadapt.resources import shipped_dir, shown, task_files  # the checkout's tasks/ or the wheel's copy
 
-        print(f"tasks (run with: python -m visadapt fit -c {shown(shipped_dir('tasks'))}/<name>.yaml):")
+        print(f"tasks (in {shown(shipped_dir('tasks'))}/):")
         for f in task_files():
-            first = next((ln[1:].strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
-            print(f"  {f.stem:28s} {first}")
+            comments = [ln[1:].strip() for ln in f.read_text().splitlines() if ln.startswith("#")]
+            # each task names its own command in its header (fit, fscil, ...): show that one, not a guess
+            run = next((c[c.index("python -m visadapt"):] for c in comments if "python -m visadapt" in c), "")
+            print(f"  {f.stem:28s} {comments[0] if comments else ''}")
+            if run:
+                print(f"  {'':28s} run: {run.split('  ')[0]}")
     return 0
 
 
