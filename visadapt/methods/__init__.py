@@ -3,7 +3,8 @@
 from visadapt.methods.base import AdapterModule, MissingCheckpointKeysError
 from visadapt.methods.clip_fewshot import ClipFewShot
 from visadapt.methods.fscil import FSCIL_METHODS, CoACT, FrozenClassMean, NaiveLoRAFinetune
+from visadapt.methods.manipshield import ManipShield
 from visadapt.methods.lorat import LoRAT
 
-__all__ = ["FSCIL_METHODS", "AdapterModule", "ClipFewShot", "CoACT", "FrozenClassMean", "LoRAT",
+__all__ = ["FSCIL_METHODS", "AdapterModule", "ClipFewShot", "CoACT", "FrozenClassMean", "ManipShield", "LoRAT",
            "MissingCheckpointKeysError", "NaiveLoRAFinetune"]
