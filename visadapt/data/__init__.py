@@ -12,9 +12,11 @@ from visadapt.data import (  # noqa: F401  (each module registers its datasets)
     fashion_mnist,
     imagefolder,
     imagenet_variants,
+    manipulation,
     mini_imagenet,
     photos,
     sessions,
+    tracking,
 )
 from visadapt.data._registry import DATASETS, register_dataset
 from visadapt.data.base import BadImageError, LabeledImageDataset, collate, load_image
