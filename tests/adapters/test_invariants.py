@@ -17,6 +17,7 @@ from visadapt.adapters import (
     BlockLoRAConfig,
     CompLoRA,
     CompLoRAConfig,
+    KaSAConfig,
     LoRAConfig,
     adapter_class,
     adapter_layers,
@@ -40,6 +41,7 @@ VARIANTS = {
     "block_lora_arms": BlockLoRAConfig(r=4, alpha=8, n_blocks=2, form="arms", dropout=0.25, arm_dropout=True),
     "comp_lora": CompLoRAConfig(r=4, alpha=8, protected=2),
     "comp_lora_proj_in": CompLoRAConfig(r=4, alpha=8, protected=3, side="input", parametrization="projector"),
+    "kasa": KaSAConfig(r=2, alpha=4),  # not identity at init: the r smallest singular components are dropped
 }
 MODELS = ["mlp", "vit", "clip_attn", "bert", "unet", "convnet"]
 if importlib.util.find_spec("visadapt.backbones.open_clip") is not None:

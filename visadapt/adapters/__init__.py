@@ -43,6 +43,7 @@ from visadapt.adapters.inject import (
 )
 from visadapt.adapters.diffusers_io import import_diffusers, read_diffusers_lora
 from visadapt.adapters.io import export_diffusers, export_peft, import_peft, load_adapter, save_adapter
+from visadapt.adapters.kasa import KaSA, KaSAConfig
 from visadapt.adapters.lora import LoRA, LoRAConfig
 
 __all__ = [
@@ -59,6 +60,8 @@ __all__ = [
     "CompLoRA",
     "CompLoRAConfig",
     "InjectionReport",
+    "KaSA",
+    "KaSAConfig",
     "LoRA",
     "LoRAConfig",
     "adapter_class",
