@@ -37,6 +37,8 @@ TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 EXTRA_COMMANDS = """extra commands:
   list {adapters,datasets,backbones,tasks,all}   what is registered / shipped
   fscil -c tasks/fscil_coact.yaml                the few-shot class-incremental session protocol
+  track -c tasks/tracking_lorat.yaml --ckpt_path <last.ckpt> [--tracker lorat|untrained|ncc]
+                                                 run a tracker over sequences; SUC/P/AO, plots, FPS
   sweep tasks/clip_fewshot.yaml --shots [1,4,16] --seeds [1,2]
                                                  a task over shots x seeds (x datasets) -> paper table
 """
@@ -445,6 +447,10 @@ def _dispatch(argv: list[str], args: ArgsType) -> VisAdaptCLI | int | dict | Non
         from visadapt.protocols.fscil import fscil_main
 
         return fscil_main(argv[1:])
+    if argv and argv[0] == "track":
+        from visadapt.protocols.tracking import track_main
+
+        return track_main(argv[1:])
     if argv and argv[0] == "sweep":
         from visadapt.protocols.sweep import sweep_main
 
