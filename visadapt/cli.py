@@ -41,6 +41,9 @@ EXTRA_COMMANDS = """extra commands:
                                                  run a tracker over sequences; SUC/P/AO, plots, FPS
   sweep tasks/clip_fewshot.yaml --shots [1,4,16] --seeds [1,2]
                                                  a task over shots x seeds (x datasets) -> paper table
+  generate -c tasks/t2i_decor.yaml --prompt '["a photo of sks sneaker"]' --alpha '[0, 1]'
+                                                 text-to-image grid with the task's LoRA and DECOR
+  t2i_sweep -c tasks/t2i_decor.yaml [--fit true]  DECOR alpha sweep: CLIP-T / CLIP-I table + Pareto plot
 """
 
 # Adapter configs are dataclasses with subclasses (LoRAConfig, BlockLoRAConfig, ...) chosen by class_path.
@@ -455,6 +458,14 @@ def _dispatch(argv: list[str], args: ArgsType) -> VisAdaptCLI | int | dict | Non
         from visadapt.protocols.sweep import sweep_main
 
         return sweep_main(argv[1:], runner=cli_main)  # the sweep gets its runner (it never imports the CLI)
+    if argv and argv[0] == "generate":
+        from visadapt.protocols.t2i import generate_main
+
+        return generate_main(argv[1:])
+    if argv and argv[0] == "t2i_sweep":
+        from visadapt.protocols.t2i import t2i_sweep_main
+
+        return t2i_sweep_main(argv[1:], runner=cli_main)  # fit through the CLI when --fit is given
     return _fit_cli(argv, args)
 
 

@@ -202,6 +202,57 @@ def build_projection(encode_prompt: Any, config: DecorConfig) -> DecorProjection
     return DecorProjection(config, token, pooled)
 
 
+@dataclass
+class DecorEvalConfig:
+    """Settings of ``python -m visadapt generate`` / ``t2i_sweep`` for a task (read from the task's
+    ``model.init_args.evaluation``; ``fit`` does not use them)."""
+
+    prompts: list[str] = field(default_factory=lambda: ["a photo of sks dog"])
+    """Evaluation prompts, with the identifier token (the DreamBooth protocol: 25 per subject)."""
+    identifier: str = "sks"
+    """The identifier token; it is removed from a prompt before its text alignment (CLIP-T) is scored."""
+    undesired: list[str] = field(default_factory=list)
+    """Undesired prompts whose directions DECOR projects out (see :class:`DecorConfig`)."""
+    mode: Literal["words", "axes"] = "words"
+    """Undesired-vector reading (see :class:`DecorConfig`)."""
+    rank: int | None = None
+    """At most this many undesired axes."""
+    tol: float = 1e-5
+    """Relative SVD tolerance."""
+    project_negative: bool = False
+    """Also project the negative embeddings."""
+    project_pooled: bool = False
+    """SDXL: also project the pooled embedding."""
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Projection degrees of the sweep."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    """One image per seed and prompt (the DreamBooth protocol: 4)."""
+    steps: int = 25
+    """Sampling steps."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance scale."""
+    negative_prompt: str = ""
+    """Negative prompt (its embeddings are the unconditional branch of guidance)."""
+    metric_backbone: str = "devise_effnet_minilm"
+    """Registered dual encoder for CLIP-T / CLIP-I (offline: the DeViSE preset, not CLIP)."""
+    metric_backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Its builder's keyword arguments (e.g. open_clip ``pretrained: /path/to/ViT-L-14.bin``)."""
+    dino_backbone: str | None = None
+    """Registered image encoder for the DINO score (e.g. a local DINOv2 ViT-L/14); ``None`` = no DINO column."""
+    dino_backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Its builder's keyword arguments."""
+
+    def __post_init__(self) -> None:
+        for a in self.alphas:
+            check_alpha(a)
+        if not self.prompts or not self.seeds:
+            raise ValueError("evaluation.prompts and evaluation.seeds must not be empty")
+
+    def decor(self, alpha: float = 1.0) -> DecorConfig:
+        return DecorConfig(undesired=list(self.undesired), alpha=alpha, mode=self.mode, rank=self.rank, tol=self.tol,
+                           project_negative=self.project_negative, project_pooled=self.project_pooled)
+
+
 # -- the customization ----------------------------------------------------------------------------------------------
 
 DEFAULT_UNET_ADAPTER = LoRAConfig(target="attn", r=4, alpha=4.0, init="gaussian")
@@ -235,6 +286,8 @@ class DreamBoothLoRA(AdapterModule):
         train_decor: Extension (not confirmed as part of DECOR): project the training prompts' embeddings with
             these settings during fitting.
         noise_offset: diffusers' ``--noise_offset`` (0 = off).
+        evaluation: Prompts, undesired prompts, alphas, seeds and metric models of ``generate`` / ``t2i_sweep``
+            (not used by ``fit``).
         save_lora: Write ``pytorch_lora_weights.safetensors`` (diffusers format) into the run folder after ``fit``.
         optimizer: Optimiser over the trainable parameters (diffusers: AdamW, lr 1e-4, weight decay 1e-2).
         lr_scheduler: Scheduler; ``None`` uses the built-in schedule.
@@ -252,6 +305,7 @@ class DreamBoothLoRA(AdapterModule):
         prior_loss_weight: float = 1.0,
         train_decor: DecorConfig | None = None,
         noise_offset: float = 0.0,
+        evaluation: DecorEvalConfig | None = None,
         save_lora: bool = True,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -261,12 +315,14 @@ class DreamBoothLoRA(AdapterModule):
     ) -> None:
         super().__init__(optimizer, lr_scheduler, schedule, warmup_steps, min_lr)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "adapter", "text_encoder_adapter",
-                                          "train_decor"])
+                                          "train_decor", "evaluation"])
         self.hparams["adapter"] = None if adapter is None else {"class": type(adapter).__name__, **asdict(adapter)}
         self.hparams["text_encoder_adapter"] = (None if text_encoder_adapter is None else
                                                 {"class": type(text_encoder_adapter).__name__,
                                                  **asdict(text_encoder_adapter)})
         self.hparams["train_decor"] = None if train_decor is None else asdict(train_decor)
+        self.hparams["evaluation"] = None if evaluation is None else asdict(evaluation)
+        self.evaluation = evaluation
         bb = build_backbone(backbone, **(backbone_kwargs or {}))
         self.backbone_identity = bb.identity
         self.t2i = bb.model
@@ -414,6 +470,7 @@ class DreamBoothLoRA(AdapterModule):
 __all__ = [
     "DEFAULT_UNET_ADAPTER",
     "DecorConfig",
+    "DecorEvalConfig",
     "DecorProjection",
     "DreamBoothLoRA",
     "build_projection",
