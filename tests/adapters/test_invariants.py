@@ -18,6 +18,7 @@ from visadapt.adapters import (
     CompLoRA,
     CompLoRAConfig,
     KaSAConfig,
+    LaMDAConfig,
     LoRAConfig,
     adapter_class,
     adapter_layers,
@@ -42,6 +43,7 @@ VARIANTS = {
     "comp_lora": CompLoRAConfig(r=4, alpha=8, protected=2),
     "comp_lora_proj_in": CompLoRAConfig(r=4, alpha=8, protected=3, side="input", parametrization="projector"),
     "kasa": KaSAConfig(r=2, alpha=4),  # not identity at init: the r smallest singular components are dropped
+    "lamda_pp": LaMDAConfig(r=2, alpha=4, rank_allocation="energy", r_max=4),  # LaMDA++: per-matrix ranks
 }
 MODELS = ["mlp", "vit", "clip_attn", "bert", "unet", "convnet"]
 if importlib.util.find_spec("visadapt.backbones.open_clip") is not None:

@@ -44,6 +44,7 @@ from visadapt.adapters.inject import (
 from visadapt.adapters.diffusers_io import import_diffusers, read_diffusers_lora
 from visadapt.adapters.io import export_diffusers, export_peft, import_peft, load_adapter, save_adapter
 from visadapt.adapters.kasa import KaSA, KaSAConfig
+from visadapt.adapters.lamda import LaMDA, LaMDAConfig
 from visadapt.adapters.lora import LoRA, LoRAConfig
 
 __all__ = [
@@ -62,6 +63,8 @@ __all__ = [
     "InjectionReport",
     "KaSA",
     "KaSAConfig",
+    "LaMDA",
+    "LaMDAConfig",
     "LoRA",
     "LoRAConfig",
     "adapter_class",
