@@ -246,6 +246,27 @@ class AssembledVLM(VisionLanguageModel):
         return VLMOutput(tuple(out.hidden_states), out.logits, visual, n)
 
 
+    @torch.no_grad()
+    def greedy_generate(self, images: torch.Tensor, prefix_ids: torch.Tensor, max_new_tokens: int = 48
+                        ) -> list[list[int]]:
+        """Greedy decoding with the visual tokens computed once (the vision tower is the expensive part)."""
+        vis = self.visual_tokens(images)
+        emb = self.language_model.get_input_embeddings()
+        embeds = torch.cat([vis.to(emb.weight.dtype), emb(prefix_ids)], 1)
+        done = torch.zeros(len(images), dtype=torch.bool, device=images.device)
+        out: list[list[int]] = [[] for _ in range(len(images))]
+        for _ in range(max_new_tokens):
+            nxt = self.language_model(inputs_embeds=embeds, use_cache=False).logits[:, -1].argmax(-1)
+            for i, t in enumerate(nxt.tolist()):
+                if not done[i] and t != self.eos_id:
+                    out[i].append(t)
+            done |= nxt == self.eos_id
+            if bool(done.all()):
+                break
+            embeds = torch.cat([embeds, emb(nxt)[:, None]], 1)
+        return out
+
+
 def _gpt2(vocab_size: int, width: int, layers: int, heads: int, positions: int, seed: int | None) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 

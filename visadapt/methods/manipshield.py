@@ -498,7 +498,7 @@ class ManipShield(AdapterModule):
 
         s = torch.cat([v[0] for v in self._val]).numpy()
         y = torch.cat([v[1] for v in self._val]).numpy()
-        m = image_metrics(y, s)
+        m = image_metrics(s, y)
         self.log("val_auc", float(m["auc"]), prog_bar=True)
         self.log("val_acc", float(m["acc"]))
 
@@ -539,9 +539,9 @@ class ManipShield(AdapterModule):
         trainable, total = count_parameters(self)
         self.report.update(trainable_params=trainable, total_params=total)
         dm = self.trainer.datamodule
-        for key in ("train_editors", "test_editors"):
-            if hasattr(dm, key):
-                self.report[key] = list(getattr(dm, key) or [])
+        for key, attr in (("train_editors", "seen_editors"), ("held_out_editors", "held_out_editors")):
+            if hasattr(dm, attr):
+                self.report[key] = list(getattr(dm, attr) or [])
         self._fit_started = time.perf_counter()
 
     def on_fit_end(self) -> None:
@@ -612,22 +612,21 @@ def score_predictions(pred: dict[str, Any], gt: dict[str, Any]) -> dict[str, Any
 
     def block(idx: np.ndarray) -> dict[str, float]:
         row: dict[str, float] = {"n": float(len(idx)), "n_manipulated": float(labels[idx].sum())}
-        if len(set(labels[idx].tolist())) == 2:
-            row.update({k: float(v) for k, v in mm.image_metrics(labels[idx], scores[idx]).items()})
-        else:
-            row["acc"] = float(((scores[idx] > 0.5) == labels[idx]).mean())
-        boxed = idx[np.asarray(gt["has_box"])[idx].astype(bool)]
-        if pred.get("box") is not None and len(boxed):
-            row.update({k: float(v) for k, v in mm.box_metrics(np.asarray(pred["box"])[boxed],
-                                                               np.asarray(gt["box"])[boxed]).items()})
+        im = mm.image_metrics(scores[idx], labels[idx])  # AUC is nan when one class is missing
+        row.update(acc=float(im["acc"]), f1=float(im["f1"]), auc=float(im["auc"]))
+        has_box = np.asarray(gt["has_box"]).astype(bool)[idx]
+        if pred.get("box") is not None and has_box.any():
+            bm = mm.box_metrics(np.asarray(pred["box"])[idx], np.asarray(gt["box"])[idx], valid=has_box)
+            row.update(box_iou=float(bm["iou"]), box_iou50=float(bm["iou50"]))
         if pred.get("cues") is not None:
-            row.update({k: float(v) for k, v in mm.cue_metrics(np.asarray(gt["cues"])[idx],
-                                                               np.asarray(pred["cues"])[idx] > 0.5).items()})
-        texts = [(pred["text"][i], gt["text"][i]) for i in idx if pred.get("text") and pred["text"][i] is not None]
+            cm = mm.cue_f1(np.asarray(pred["cues"])[idx], np.asarray(gt["cues"])[idx])
+            row.update(cue_f1_micro=float(cm["micro"]), cue_f1_macro=float(cm["macro"]))
+        texts = [(pred["text"][i], gt["text"][i]) for i in idx
+                 if pred.get("text") and i < len(pred["text"]) and pred["text"][i] is not None]
         if texts:
-            from visadapt.metrics.text import rouge_l
+            from visadapt.metrics.text import mean_rouge_l
 
-            row["rouge_l"] = float(np.mean([rouge_l(p, r) for p, r in texts]))
+            row["rouge_l"] = float(mean_rouge_l([p for p, _ in texts], [r for _, r in texts]))
             row["n_explained"] = float(len(texts))
         return row
 
@@ -663,8 +662,8 @@ def ela_predictions(dataset: Any, limit: int | None = None, **ela_kwargs: Any) -
 
 def write_manipulation_report(log_dir: str | Path, report: dict[str, Any]) -> Path:
     """``report.json`` plus a Markdown table (ManipShield vs ELA, overall and per held-out editor)."""
-    md = write_report(log_dir, {k: v for k, v in report.items() if k not in ("manipshield", "ela")} | {
-        "manipshield": report.get("manipshield"), "ela": report.get("ela")}, title="ManipShield report")
+    md = write_report(log_dir, {k: v for k, v in report.items() if k not in ("manipshield", "ela", "examples", "lds")},
+                      title="ManipShield report")
     cols = ("auc", "acc", "f1", "box_iou", "box_iou50", "cue_f1_micro", "cue_f1_macro", "rouge_l")
     lines = ["", "## Held-out editors: ManipShield vs error-level analysis", "",
              "| editor | method | n | " + " | ".join(cols) + " |", "|---" * (len(cols) + 3) + "|"]
