@@ -20,6 +20,7 @@ from visadapt.adapters import (
     KaSAConfig,
     LaMDAConfig,
     LoRAConfig,
+    RandLoRAConfig,
     adapter_class,
     adapter_layers,
     adapter_state_dict,
@@ -42,6 +43,7 @@ VARIANTS = {
     "block_lora_arms": BlockLoRAConfig(r=4, alpha=8, n_blocks=2, form="arms", dropout=0.25, arm_dropout=True),
     "comp_lora": CompLoRAConfig(r=4, alpha=8, protected=2),
     "comp_lora_proj_in": CompLoRAConfig(r=4, alpha=8, protected=3, side="input", parametrization="projector"),
+    "randlora": RandLoRAConfig(r=4, alpha=8),  # own-size bases per layer (PEFT parity: test_randlora.py)
     "kasa": KaSAConfig(r=2, alpha=4),  # not identity at init: the r smallest singular components are dropped
     "lamda_pp": LaMDAConfig(r=2, alpha=4, rank_allocation="energy", r_max=4),  # LaMDA++: per-matrix ranks
 }

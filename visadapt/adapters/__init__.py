@@ -46,6 +46,8 @@ from visadapt.adapters.io import export_diffusers, export_peft, import_peft, loa
 from visadapt.adapters.kasa import KaSA, KaSAConfig
 from visadapt.adapters.lamda import LaMDA, LaMDAConfig
 from visadapt.adapters.lora import LoRA, LoRAConfig
+from visadapt.adapters.mixlora import MixLoRA, MixLoRAConfig
+from visadapt.adapters.randlora import RandLoRA, RandLoRAConfig
 
 __all__ = [
     "ADAPTERS",
@@ -67,6 +69,10 @@ __all__ = [
     "LaMDAConfig",
     "LoRA",
     "LoRAConfig",
+    "MixLoRA",
+    "MixLoRAConfig",
+    "RandLoRA",
+    "RandLoRAConfig",
     "adapter_class",
     "adapter_layers",
     "adapter_names",
