@@ -87,7 +87,7 @@ def crop_image(image: np.ndarray, params: CropParams, fill: np.ndarray | tuple[f
         raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
     if fill is None:
         fill = image.reshape(-1, 3).mean(0)
-    fill_rgb = tuple(int(round(float(v))) for v in np.asarray(fill).reshape(3))
+    fill_rgb = tuple(round(float(v)) for v in np.asarray(fill).reshape(3))
     (sx, sy), (tx, ty) = params.scale, params.translation
     # PIL maps an output point u to the input point a*u + c (continuous coordinates, pixel centres at +0.5)
     data = (1.0 / sx, 0.0, -tx / sx, 0.0, 1.0 / sy, -ty / sy)

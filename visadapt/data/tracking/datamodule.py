@@ -8,8 +8,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from visadapt.data._registry import DATASETS
-from visadapt.data.tracking.pairs import IMAGENET_MEAN, IMAGENET_STD, EpochPairSampler, PairConfig, \
-    TrackingPairDataset
+from visadapt.data.tracking.pairs import IMAGENET_MEAN, IMAGENET_STD, EpochPairSampler, PairConfig, TrackingPairDataset
 from visadapt.data.tracking.sequence import TrackingDataset, TrackingSequence
 
 SPEC_KEYS = ("dataset", "root", "split", "dataset_kwargs", "weight")
@@ -29,7 +28,8 @@ def build_tracking_dataset(spec: dict[str, Any]) -> TrackingDataset:
         kwargs["split"] = spec["split"]
     ds = DATASETS.get(spec["dataset"])(**kwargs)
     if not isinstance(ds, TrackingDataset):
-        raise ValueError(f"dataset {spec['dataset']!r} is not a tracking dataset (it returned {type(ds).__name__})")
+        raise ValueError(  # noqa: TRY004  (a configuration error: reported to the user as such)
+            f"dataset {spec['dataset']!r} is not a tracking dataset (it returned {type(ds).__name__})")
     return ds
 
 

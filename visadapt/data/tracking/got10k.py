@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from visadapt.data._registry import register_dataset
-from visadapt.data.tracking.sequence import TrackingDataset, TrackingSequence, list_frames, read_flags, \
-    read_number_rows
+from visadapt.data.tracking.sequence import TrackingDataset, TrackingSequence, list_frames, read_flags, read_number_rows
 from visadapt.errors import CorruptFileError, UserError
 
 SPLITS = ("train", "val", "test", "vot_train", "vot_val")

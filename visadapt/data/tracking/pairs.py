@@ -226,5 +226,12 @@ class EpochPairSampler(Sampler[int]):
         return iter(range(self.epoch * self.n, (self.epoch + 1) * self.n))
 
 
-__all__ = ["EpochPairSampler", "IMAGENET_MEAN", "IMAGENET_STD", "PairConfig", "TrackingPairDataset",
-           "jittered_params", "pair_seed"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "EpochPairSampler",
+    "PairConfig",
+    "TrackingPairDataset",
+    "jittered_params",
+    "pair_seed",
+]

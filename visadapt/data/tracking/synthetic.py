@@ -17,7 +17,7 @@ rectangle clipped to the image (``0,0,0,0`` when it is entirely outside). The tr
 objects from **disjoint sets of photos** (and different random streams), so test objects are never seen in training.
 
 Frames are JPEG (quality 95) files ``00000001.jpg ...`` with ``groundtruth.txt``, ``absence.label``,
-``cover.label``, ``meta_info.ini`` and ``list.txt``, cached under ``$VISADAPT_CACHE/tracking_synthetic/<digest>/``
+``cover.label``, ``cut_by_image.label``, ``meta_info.ini`` and ``list.txt`` (the got10k toolkit reads the folder), cached under ``$VISADAPT_CACHE/tracking_synthetic/<digest>/``
 (``~/.cache/visadapt`` by default) or the given root, and read back with the GOT-10k reader.
 """
 
@@ -43,7 +43,7 @@ from visadapt.errors import UserError
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bump when the rendering changes, so that cached folders are regenerated."""
 
 # Object photos per split (disjoint); every photo may serve as background or occluder for any split.
@@ -112,6 +112,7 @@ class RenderedSequence:
     boxes: np.ndarray
     absent: np.ndarray
     cover: np.ndarray
+    cut_by_image: np.ndarray
     object_rects: np.ndarray  # (N, 4) xywh of the whole (unclipped) object patch
     object_patches: list[np.ndarray]  # the resized patch pasted in each frame
     occluder_rects: np.ndarray  # (N, 4) xywh, w = 0 when no occluder
@@ -257,11 +258,12 @@ def render_sequence(split: str, index: int, seed: int, config: SyntheticConfig =
     boxes = np.zeros((n, 4))
     absent = np.zeros(n, bool)
     cover = np.zeros(n, np.int64)
+    cut = np.zeros(n, np.int64)
     for k in range(n):
         frame = bg[pan[k, 1]:pan[k, 1] + H, pan[k, 0]:pan[k, 0] + W].copy()
         for dpatch, dscale, dc in distractors:
             dw, dh = max(int(ws[k] * dscale), 4), max(int(hs[k] * dscale), 4)
-            _paste(frame, _resize(dpatch, dw, dh), int(round(dc[k, 0] - dw / 2)), int(round(dc[k, 1] - dh / 2)))
+            _paste(frame, _resize(dpatch, dw, dh), round(dc[k, 0] - dw / 2), round(dc[k, 1] - dh / 2))
         patch = _resize(patch0, ws[k], hs[k])
         _paste(frame, patch, xs[k], ys[k])
         if occ_patch is not None and occ_rects[k, 2] > 0:
@@ -277,13 +279,14 @@ def render_sequence(split: str, index: int, seed: int, config: SyntheticConfig =
         ox, oy, ow, oh = occ_rects[k]
         if ow > 0:
             mask[max(oy - ys[k], 0):max(oy + oh - ys[k], 0), max(ox - xs[k], 0):max(ox + ow - xs[k], 0)] = False
+        cut[k] = int(not (x0 == 0 and y0 == 0 and x1 == ws[k] and y1 == hs[k]))
         frac = float(mask.mean())
         cover[k] = cover_bin(frac)
         absent[k] = frac == 0
         frames.append(frame)
         patches.append(patch)
     obj_rects = np.stack([xs, ys, ws, hs], 1).astype(np.float64)
-    return RenderedSequence(frames, boxes, absent, cover, obj_rects, patches, occ_rects.astype(np.float64), info)
+    return RenderedSequence(frames, boxes, absent, cover, cut, obj_rects, patches, occ_rects.astype(np.float64), info)
 
 
 def _write_sequence(folder: Path, seq: RenderedSequence, quality: int) -> None:
@@ -293,6 +296,7 @@ def _write_sequence(folder: Path, seq: RenderedSequence, quality: int) -> None:
     np.savetxt(folder / "groundtruth.txt", seq.boxes, fmt="%d", delimiter=",")
     (folder / "absence.label").write_text("".join(f"{int(a)}\n" for a in seq.absent))
     (folder / "cover.label").write_text("".join(f"{int(c)}\n" for c in seq.cover))
+    (folder / "cut_by_image.label").write_text("".join(f"{int(c)}\n" for c in seq.cut_by_image))
     h, w = seq.frames[0].shape[:2]
     info = seq.info
     (folder / "meta_info.ini").write_text(
