@@ -8,7 +8,7 @@ The rule, per layer, is the set of visadapt layers a module of that layer may im
 * ``metrics``: core only (pure functions, no Lightning);
 * ``backbones``: adapters; ``data``: adapters, backbones;
 * ``methods``: adapters, backbones, data, metrics; ``protocols``: the same plus methods;
-* ``cli`` (``cli.py``, ``__main__.py``): anything.
+* ``cli`` (``cli.py``, ``__main__.py``, the ``demo`` scripts): anything.
 
 Two checks enforce it. The static one reads every file's imports with ``ast`` (module level and inside functions,
 so lazy imports count too) and is parametrised per file. The runtime one imports the layers bottom-up in one fresh
@@ -68,8 +68,8 @@ def layer_of(module: str) -> str:
 
     A sub-package that is not a layer is an error: give it a place in ``ALLOWED`` (and in DESIGN.md).
     """
-    if module in CLI_MODULES:
-        return "cli"
+    if module in CLI_MODULES or module == "visadapt.demo" or module.startswith("visadapt.demo."):
+        return "cli"  # the demo scripts are entry points like cli.py
     parts = module.split(".")
     if len(parts) == 1 or (len(parts) == 2 and (PACKAGE / f"{parts[1]}.py").is_file()):
         return "core"

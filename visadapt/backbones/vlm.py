@@ -296,6 +296,18 @@ def _assembled(vision: nn.Module, tokenizer_texts: Sequence[str] | None, tokeniz
         return AssembledVLM(vision, lm, tokenizer, grid)
 
 
+def assembled_preprocess(name: str, **kwargs: Any) -> Preprocess:
+    """The preprocessing of the assembled backbone ``name`` (``manipshield_vlm`` / ``tiny_vlm``) for builder
+    arguments ``kwargs``, without building it (its tokenizer is trained later, on the training texts)."""
+    if name == "manipshield_vlm":
+        from visadapt.backbones.effnet import MEAN, STD
+
+        return Preprocess(image_size=int(kwargs.get("image_size", 224)), mean=MEAN, std=STD, interpolation="bicubic")
+    if name == "tiny_vlm":
+        return Preprocess(image_size=int(kwargs.get("image_size", 32)), mean=(0.5,) * 3, std=(0.5,) * 3)
+    raise ValueError(f"{name!r} is not an assembled VLM backbone (manipshield_vlm, tiny_vlm)")
+
+
 @register_backbone("manipshield_vlm")
 def manipshield_vlm(tokenizer_texts: list[str] | None = None, tokenizer_json: str | None = None,
                     vocab_size: int = 1024, width: int = 128, layers: int = 4, heads: int = 4,
@@ -536,7 +548,7 @@ def save_tiny_qwen2_vl(path: str | Path, seed: int = 0) -> Path:
 
 
 __all__ = [
-    "SPECIAL_TOKENS", "VISION_PRESETS", "AssembledVLM", "HFLlavaVLM", "HFQwen2VLVLM", "VLMOutput",
+    "SPECIAL_TOKENS", "VISION_PRESETS", "AssembledVLM", "assembled_preprocess", "HFLlavaVLM", "HFQwen2VLVLM", "VLMOutput",
     "VisionLanguageModel", "hf_vlm", "manipshield_vlm", "qwen2_vl_patches", "save_tiny_llava", "save_tiny_qwen2_vl",
     "tiny_vlm", "tokenizer_from_json", "tokenizer_json", "train_bpe_tokenizer",
 ]

@@ -251,6 +251,10 @@ class ManipShield(AdapterModule):
         self._needs_texts = "tokenizer_texts" in inspect.signature(BACKBONES.get(backbone)).parameters
         if tokenizer_json is not None or not self._needs_texts:
             self._build(tokenizer_json=tokenizer_json)
+        else:  # built in setup(); the datamodule reads the preprocessing now (the CLI links it)
+            from visadapt.backbones.vlm import assembled_preprocess
+
+            self.preprocess = assembled_preprocess(backbone, **(backbone_kwargs or {}))
 
     # -- building -------------------------------------------------------------------------------------------------
     def _build(self, tokenizer_json: str | None = None, tokenizer_texts: list[str] | None = None) -> None:
