@@ -9,8 +9,18 @@ from PIL import Image
 
 from visadapt.data import BadImageError, create_dataset
 from visadapt.data.manipulation import (
-    CATEGORIES, CUES, EDITOR_CATEGORY, EDITORS, ManipulationDataModule, ManipulationRecord, ManipulationTransform,
-    TwinBatchSampler, mask_bbox, read_manipulation_json, write_manipulation_json)
+    CATEGORIES,
+    CUES,
+    EDITOR_CATEGORY,
+    EDITORS,
+    ManipulationDataModule,
+    ManipulationRecord,
+    ManipulationTransform,
+    TwinBatchSampler,
+    mask_bbox,
+    read_manipulation_json,
+    write_manipulation_json,
+)
 from visadapt.data.manipulation.generator import generate, make_group
 from visadapt.errors import CorruptFileError
 
@@ -35,7 +45,7 @@ def test_generator_masks_are_exact_and_boxes_are_their_bounding_boxes(generated)
     for r in records:
         by_pair.setdefault(r.pair_id, []).append(r)
     seen = set()
-    for pair, group in by_pair.items():
+    for group in by_pair.values():
         real = [r for r in group if r.label == 0]
         edits = [r for r in group if r.label == 1]
         assert len(real) == 1 and len(edits) == 1 and real[0].mask is None and real[0].editor == "authentic"
@@ -69,7 +79,7 @@ def test_generator_is_deterministic_and_written_losslessly(generated, tmp_path):
 
 
 def test_registered_generator_caches(tmp_path):
-    kw = dict(root=str(tmp_path), split="test", num_images=2, size=32, editors=["blur", "noise"], seed=1)
+    kw = {"root": str(tmp_path), "split": "test", "num_images": 2, "size": 32, "editors": ["blur", "noise"], "seed": 1}
     ds = create_dataset("generated_manipulations", **kw)
     assert len(ds) == 4 and sorted(ds.editors) == ["authentic", "authentic", "blur", "noise"]
     (json_file,) = tmp_path.glob("*/data.json")
@@ -106,7 +116,7 @@ def test_json_round_trip_and_plain_imdl_benco_json(generated, tmp_path):
 
 def test_imdl_folder_and_manipbench_folder(tmp_path):
     rng = np.random.default_rng(0)
-    img = lambda: Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8))  # noqa: E731
+    img = lambda: Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8))
     m = np.zeros((20, 30), np.uint8)
     m[5:9, 10:22] = 255
     root = tmp_path / "benco"
@@ -156,7 +166,8 @@ def test_bad_files_are_named(tmp_path, generated):
     with pytest.raises(FileNotFoundError, match="nothere.json"):
         create_dataset("manipulation_json", root=str(tmp_path / "nothere.json"))
     truncated = tmp_path / "trunc.png"
-    truncated.write_bytes(open(records[0].image, "rb").read()[:60])
+    with open(records[0].image, "rb") as fh:
+        truncated.write_bytes(fh.read()[:60])
     ds = create_dataset("manipulation_json", root=str(write_manipulation_json(
         [ManipulationRecord(image=str(truncated))], tmp_path / "t.json")))
     with pytest.raises(BadImageError, match="trunc.png"):
@@ -208,7 +219,7 @@ def test_twin_sampler_reshuffles_per_epoch_and_flip_moves_the_box():
     torch.manual_seed(0)
     flips = 0
     for _ in range(6):
-        img, m, b = tf(Image.fromarray(np.zeros((10, 20, 3), np.uint8)), mask, box)
+        _, m, b = tf(Image.fromarray(np.zeros((10, 20, 3), np.uint8)), mask, box)
         x0, y0, x1, y1 = mask_bbox(m[0].numpy())
         assert np.allclose(b, [x0 / 20, y0 / 10, x1 / 20, y1 / 10])
         flips += b != box

@@ -115,8 +115,8 @@ def evaluate_ela(dataset: Any, ela: ErrorLevelAnalysis | None = None, threshold:
         categories.append(rec.category or ("authentic" if rec.label == 0 else "unknown"))
         if rec.label == 1 and s["has_mask"]:
             ps = pixel_scores(out["heatmap"][None], s["mask"][None], threshold)
-            for k in pix:
-                pix[k].append(float(ps[k][0]))
+            for k, values in pix.items():
+                values.append(float(ps[k][0]))
             pix_editors.append(editor)
         if rec.label == 1 and s["box_pixels"] is not None:
             w, h = s["image"].size

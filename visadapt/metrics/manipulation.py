@@ -19,9 +19,10 @@ Pixel level (IMDL-BenCo's ``PixelF1`` / ``PixelIOU`` / ``PixelAUC`` in mode ``"o
   F1 and IoU 0 even for a perfect all-zero prediction, and its AUC 0 (``PixelAUC`` returns 0.0 for an empty mask).
   :func:`pixel_scores` returns exactly these per-image values. :func:`pixel_metrics` averages them over the
   *manipulated images only* by default (``empty="skip"``), as the ManipShield notes prescribe; ``empty="zero"``
-  averages over every image with BenCo's zeros (BenCo's number on a mixed test set) and ``empty="one"`` scores
-  empty masks 1 (BenCo's scikit-learn cross-check, ``zero_division=1``). A full mask (no authentic pixel) has no
-  defined AUC: ``nan``, left out of the AUC mean.
+  averages over every image with BenCo's zeros (BenCo's number on a mixed test set) and ``empty="sklearn"`` scores
+  an empty mask as BenCo's scikit-learn cross-check does (``f1_score`` / ``jaccard_score`` with
+  ``zero_division=1``): F1 and IoU 1 when nothing is predicted either, 0 otherwise; its AUC is undefined and left
+  out. A full mask (no authentic pixel) has no defined AUC either: ``nan``, left out of the AUC mean.
 
 Boxes: IoU of ``xyxy`` boxes (any consistent unit), its mean, and the share with IoU >= 0.5.
 Cues: multi-label F1, micro (pooled TP/FP/FN over all labels) and macro (mean of per-label F1, a label without any
@@ -183,7 +184,8 @@ def pixel_scores(pred: Any, target: Any, threshold: float = 0.5, shape_mask: Any
         shape_mask: Optional valid-pixel masks (padding excluded), same shape.
 
     Returns:
-        ``{"f1", "iou", "auc", "empty"}``: arrays of length N; ``empty`` marks images with an empty ground truth.
+        ``{"f1", "iou", "auc", "empty", "predicted"}``: arrays of length N; ``empty`` marks images with an empty
+        ground truth, ``predicted`` those with at least one pixel predicted manipulated.
     """
     p, t, s = _flat_masks(pred, target, shape_mask)
     valid = np.ones_like(t) if s is None else s
@@ -198,10 +200,10 @@ def pixel_scores(pred: Any, target: Any, threshold: float = 0.5, shape_mask: Any
     empty = (t & valid).sum(1) == 0
     for i in np.nonzero(~empty)[0]:  # BenCo's PixelAUC returns 0.0 for an empty mask
         auc[i] = roc_auc(p[i][valid[i]], t[i][valid[i]])
-    return {"f1": f1, "iou": iou, "auc": auc, "empty": empty}
+    return {"f1": f1, "iou": iou, "auc": auc, "empty": empty, "predicted": (b & valid).sum(1) > 0}
 
 
-EMPTY_RULES = ("skip", "zero", "one")
+EMPTY_RULES = ("skip", "zero", "sklearn")
 
 
 def pixel_metrics(pred: Any, target: Any, threshold: float = 0.5, shape_mask: Any = None,
@@ -210,7 +212,8 @@ def pixel_metrics(pred: Any, target: Any, threshold: float = 0.5, shape_mask: An
 
     Args:
         empty: Images with an empty ground-truth mask: ``"skip"`` (default: average over manipulated images only),
-            ``"zero"`` (BenCo's per-image value 0, averaged in) or ``"one"`` (scored 1, BenCo's sklearn check).
+            ``"zero"`` (BenCo's per-image value 0, averaged in) or ``"sklearn"`` (F1 / IoU 1 when nothing is
+            predicted, else 0: scikit-learn's ``zero_division=1``, BenCo's cross-check; AUC left out).
     """
     if empty not in EMPTY_RULES:
         raise ValueError(f"empty must be one of {EMPTY_RULES}, got {empty!r}")
@@ -219,8 +222,8 @@ def pixel_metrics(pred: Any, target: Any, threshold: float = 0.5, shape_mask: An
     out: dict[str, float] = {"n": int(keep.sum())}
     for k in ("f1", "iou", "auc"):
         v = sc[k].copy()
-        if empty == "one":
-            v[sc["empty"]] = 1.0
+        if empty == "sklearn":
+            v[sc["empty"]] = np.nan if k == "auc" else (~sc["predicted"][sc["empty"]]).astype(np.float64)
         v = v[keep]
         out[k] = float(np.nanmean(v)) if len(v) and not np.isnan(v).all() else float("nan")
     return out
