@@ -48,6 +48,7 @@ from visadapt.adapters.lamda import LaMDA, LaMDAConfig
 from visadapt.adapters.lora import LoRA, LoRAConfig
 from visadapt.adapters.mixlora import MixLoRA, MixLoRAConfig
 from visadapt.adapters.randlora import RandLoRA, RandLoRAConfig
+from visadapt.adapters.sora import SoRA, SoRAConfig, prune_sora
 
 __all__ = [
     "ADAPTERS",
@@ -73,6 +74,8 @@ __all__ = [
     "MixLoRAConfig",
     "RandLoRA",
     "RandLoRAConfig",
+    "SoRA",
+    "SoRAConfig",
     "adapter_class",
     "adapter_layers",
     "adapter_names",
@@ -88,6 +91,7 @@ __all__ = [
     "load_adapter",
     "load_adapter_state_dict",
     "merge_adapters",
+    "prune_sora",
     "read_diffusers_lora",
     "register_adapter",
     "save_adapter",

@@ -62,6 +62,9 @@ class Adapter(nn.Module):
     """True when a freshly injected adapter leaves the model's outputs unchanged."""
     peft_native: ClassVar[bool] = False
     """True when the parameters map one-to-one onto a PEFT LoRA with the same ``r`` and ``alpha``."""
+    lowrank_forward: ClassVar[bool] = True
+    """False for a variant whose contribution is not ``scale * B A x`` (input-dependent routing, an output offset):
+    the layer then adds ``adapter(x2d)`` (the adapter's own ``forward``, ``(tokens, out_features)``) instead."""
 
     scale: float = 1.0
 
@@ -95,6 +98,11 @@ class Adapter(nn.Module):
         """The full update ``scale * B @ A`` of this block, in float32 (used for merging and checks only)."""
         a, b = self.factors()
         return (b.float() @ a.float()) * self.scale
+
+    def delta_bias(self) -> Tensor | None:
+        """An input-independent output offset (float32, ``(out_features,)``) that merging adds to the base bias, or
+        ``None`` (every low-rank variant)."""
+        return None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -197,7 +205,11 @@ class AdapterLayer(nn.Module):
         if not todo:
             return
         w = self.base_weight
-        w.copy_((w.float() + self._delta2d(todo).view_as(w)).to(w.dtype))
+        delta, bias = self._delta2d(todo).view_as(w), self._delta_bias(todo)
+        w.copy_((w.float() + delta).to(w.dtype))
+        if bias is not None:
+            b = self.base_layer.bias
+            b.copy_((b.float() + bias).to(b.dtype))
         self.merged.update(todo)
 
     @torch.no_grad()
@@ -210,8 +222,28 @@ class AdapterLayer(nn.Module):
         if not self.merged:
             return
         w = self.base_weight
+        bias = self._delta_bias(self.merged)
         w.copy_((w.float() - self._delta2d(self.merged).view_as(w)).to(w.dtype))
+        if bias is not None:
+            b = self.base_layer.bias
+            b.copy_((b.float() - bias).to(b.dtype))
         self.merged = {}
+
+    def _delta_bias(self, weights: dict[str, float]) -> Tensor | None:
+        """The weighted sum of the adapters' :meth:`Adapter.delta_bias` offsets (``None`` when no adapter has one)."""
+        total = None
+        for name, coef in weights.items():
+            for core, rows in self.parts(name):
+                offset = core.delta_bias()
+                if offset is None:
+                    continue
+                if getattr(self.base_layer, "bias", None) is None:
+                    raise NotImplementedError(
+                        f"{type(core).__name__} adds an output offset, and this layer has no bias to merge it into")
+                if total is None:
+                    total = torch.zeros(self.base_weight.shape[0], dtype=torch.float32, device=offset.device)
+                (total if rows is None else total[rows[0] : rows[1]]).add_(offset.float(), alpha=coef)
+        return total
 
     # --- forward ---------------------------------------------------------------------------------------------
 
@@ -272,6 +304,15 @@ class AdapterLayer(nn.Module):
         FLOPs spent on unadapted slices.
         """
         parts = self.parts(name)
+        if not parts[0][0].lowrank_forward:  # input-dependent variants compute their own contribution
+            delta = x2d.new_zeros(x2d.shape[0], out.shape[-1]) if parts[0][1] is not None else None
+            for core, bounds in parts:
+                piece = core(x2d) * coef
+                if bounds is None:
+                    delta = piece
+                else:
+                    delta[:, bounds[0] : bounds[1]] = piece
+            return out + delta.to(out.dtype).view(out.shape)
         rows, alphas, ups, pieces = [], [], [], []
         if any(_dropout_active(core.dropout) for core, _ in parts):
             for core, bounds in parts:
