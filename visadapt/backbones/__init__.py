@@ -11,6 +11,7 @@ from visadapt.backbones import (
     effnet,  # noqa: F401  (registers effnet_lite0)
     hf,  # noqa: F401  (registers hf_text, hf_clip, hf_vit and their tiny_*)
     open_clip,  # noqa: F401  (registers open_clip, tiny_open_clip)
+    t2i,  # noqa: F401  (registers sd_local, sdxl_local, tiny_sd, tiny_sdxl, visadapt_t2i_base)
     timm,  # noqa: F401  (registers timm, tiny_vit)
     tiny,  # noqa: F401  (index of the tiny test backbones)
     vlm,  # noqa: F401  (registers manipshield_vlm, tiny_vlm, hf_vlm)
