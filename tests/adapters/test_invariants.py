@@ -19,6 +19,7 @@ from visadapt.adapters import (
     CompLoRAConfig,
     KaSAConfig,
     LaMDAConfig,
+    LoFiTConfig,
     LoRAConfig,
     MixLoRAConfig,
     RandLoRAConfig,
@@ -47,9 +48,13 @@ VARIANTS = {
     "comp_lora_proj_in": CompLoRAConfig(r=4, alpha=8, protected=3, side="input", parametrization="projector"),
     "randlora": RandLoRAConfig(r=4, alpha=8),  # own-size bases per layer (PEFT parity: test_randlora.py)
     "sora": SoRAConfig(r=4, alpha=8, dropout=0.25),  # gate g ~ N(0, 1) between A and B
+    "nlora": NLoRAConfig(r=3, alpha=3, select="norm"),  # Nyström init, offset: starts at W (bitwise)
+    "loldu": LoLDUConfig(r=3, train_scale=True),  # LDU factors of W; z and the scale train
     "kasa": KaSAConfig(r=2, alpha=4),  # not identity at init: the r smallest singular components are dropped
     "lamda_pp": LaMDAConfig(r=2, alpha=4, rank_allocation="energy", r_max=4),  # LaMDA++: per-matrix ranks
     "mixlora": MixLoRAConfig(r=2, alpha=4, num_experts=3, top_k=2, dropout=0.25),  # not mergeable: see below
+    # step 1 (per-head scaling) on any layer: heads = groups of input features; the bias step: test_lofit.py
+    "lofit": LoFiTConfig(num_heads=2, init_std=0.1),
 }
 NOT_MERGEABLE = {
     "mixlora": "MixLoRA routes each token to its top-k experts: the update depends on the input, so there is no weight "

@@ -45,7 +45,10 @@ from visadapt.adapters.diffusers_io import import_diffusers, read_diffusers_lora
 from visadapt.adapters.io import export_diffusers, export_peft, import_peft, load_adapter, save_adapter
 from visadapt.adapters.kasa import KaSA, KaSAConfig
 from visadapt.adapters.lamda import LaMDA, LaMDAConfig
+from visadapt.adapters.lofit import LoFiT, LoFiTConfig
+from visadapt.adapters.loldu import LoLDU, LoLDUConfig
 from visadapt.adapters.lora import LoRA, LoRAConfig
+from visadapt.adapters.nlora import NLoRA, NLoRAConfig
 from visadapt.adapters.mixlora import MixLoRA, MixLoRAConfig
 from visadapt.adapters.randlora import RandLoRA, RandLoRAConfig
 from visadapt.adapters.sora import SoRA, SoRAConfig, prune_sora
@@ -68,8 +71,14 @@ __all__ = [
     "KaSAConfig",
     "LaMDA",
     "LaMDAConfig",
+    "LoFiT",
+    "LoFiTConfig",
+    "LoLDU",
+    "LoLDUConfig",
     "LoRA",
     "LoRAConfig",
+    "NLoRA",
+    "NLoRAConfig",
     "MixLoRA",
     "MixLoRAConfig",
     "RandLoRA",
