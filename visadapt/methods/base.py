@@ -121,6 +121,8 @@ class AdapterModule(pl.LightningModule):
         # Lightning's strict load would demand the frozen backbone; on_load_checkpoint checks what matters.
         self.strict_loading = False
         self.resumed_train_seconds = 0.0  # training time of the run before it was resumed (from the checkpoint)
+        self._companion_step: int | None = None  # global step at the last run of the SCHEDULES companions
+        self._schedules: list[Any] | None = None
         self._train_t0: float | None = None
 
     def train(self, mode: bool = True) -> "AdapterModule":
@@ -219,12 +221,12 @@ class AdapterModule(pl.LightningModule):
         """After each optimiser step, run the ``SCHEDULES`` registered under the injected adapters' variant names
         (a class, instantiated once per fit; its ``on_train_step_end(module, step, total_steps, lr)`` is called)."""
         step = int(self.global_step)
-        if step == getattr(self, "_companion_step", None):
+        if step == self._companion_step:
             return  # gradient accumulation: no optimiser step since the last call
         self._companion_step = step
-        schedules = getattr(self, "_schedules", None)
-        if schedules is None:
-            schedules = self._schedules = [SCHEDULES.get(v)() for v in self.adapter_variants() if v in SCHEDULES]
+        if self._schedules is None:
+            self._schedules = [SCHEDULES.get(v)() for v in self.adapter_variants() if v in SCHEDULES]
+        schedules = self._schedules
         if schedules:
             total = max(1, int(self.trainer.estimated_stepping_batches))
             optimizers = self.trainer.optimizers
@@ -234,6 +236,7 @@ class AdapterModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._train_t0 = time.perf_counter()
+        self._companion_step, self._schedules = int(self.global_step), None  # companions: fresh for every fit
         self._report_skipped_images()
         # Lightning restores a mid-epoch dataloader state only if the train loader is first built after the loops
         # are restored; the cosine schedule's estimated_stepping_batches builds it before, so the saved position

@@ -1,0 +1,130 @@
+"""SLoRA / NLoRA / IntTune (Guo et al., arXiv 2502.14482; official code TracyGuo2001/NLoRA): an ``r x r`` core ``N``
+between LoRA's factors, ``y = W x + s * B N A drop(x)``, ``s = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
+
+Three modes (``mode``):
+
+* ``slora``: LoRA's init (``A`` kaiming-uniform or gaussian, ``B = 0``) and ``N`` kaiming-uniform (``a = sqrt(5)``, the
+  ``nn.Linear(r, r)`` default; no bias). ``A``, ``B``, ``N`` train: ``r (in + out) + r^2`` parameters. The model starts
+  unchanged.
+* ``nlora``: Nyström initialisation from the frozen weight. With row indices ``I`` and column indices ``J`` (``select``:
+  the first ``r``, as the official code, or the ``r`` of largest norm), ``A = W[I, :]``, ``B = W[:, J]`` and
+  ``N = W[I, J]^+`` (``core = "pinv"``, the Nyström approximation ``C U^+ R`` of ``W``) or ``N = W[I, J]``
+  (``core = "raw"``: the official code, whose ``pinv`` line is commented out). ``A``, ``B``, ``N`` train.
+* ``inttune``: the ``nlora`` init with only ``N`` trainable (``r^2`` parameters). ``A`` and ``B`` stay at their
+  initial values, so they are not parameters here but buffers rebuilt from the frozen weight (they are never saved):
+  the stored form is just ``N``.
+
+Starting at the pretrained function (``offset``, default on). The official code adds ``s B N A`` to ``W`` without
+subtracting it, so its model starts at ``W + s C N R``, not at ``W`` (the reference notes flag this as a discrepancy
+to resolve). The reading chosen here keeps the Nyström init and subtracts its initial product, as PEFT does for
+PiSSA/LoRA-GA: ``ΔW = s (B N A - B0 N0 A0)`` with ``B0, N0, A0`` the initial values (buffers rebuilt from ``W``). The
+model then equals the pretrained one at step 0, bitwise: the update is computed as the rank-``2r`` product
+``[B - B0, B0] [N A; N A - N0 A0]``, both parts exactly zero at init. In ``inttune`` mode ``ΔW = s B0 (N - N0) A0``
+has rank ``r``. ``offset = False`` gives the official code's start. The update is always an exact low-rank product
+(rank ``r``, or ``2r`` for ``nlora`` with offset), so merging is exact and :func:`~visadapt.adapters.export_peft`
+writes a PEFT LoRA of that rank with identical outputs.
+
+Nyström modes need ``r <= min(out, in)`` of every adapted matrix (or fused-qkv slice). On a fused qkv "the first r
+rows" are rows of the q part only; ``select = "norm"`` or slice targets (``qkv[q,k,v]``) avoid that.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from visadapt.adapters._registry import register_adapter
+from visadapt.adapters.base import Adapter, init_down_projection, lora_scale
+from visadapt.adapters.lora import LoRAConfig
+
+
+@dataclass
+class NLoRAConfig(LoRAConfig):
+    """SLoRA / NLoRA / IntTune: LoRA with a trainable r x r core N between B and A; Nyström init; core-only mode."""
+
+    mode: Literal["slora", "nlora", "inttune"] = "nlora"
+    """``slora``: LoRA init plus a kaiming core, all trained; ``nlora``: Nyström init, all trained; ``inttune``:
+    Nyström init, only the core ``N`` trains."""
+    core: Literal["pinv", "raw"] = "pinv"
+    """Nyström core: ``pinv`` = ``W[I, J]^+`` (the Nyström approximation); ``raw`` = ``W[I, J]`` (the official code)."""
+    select: Literal["first", "norm"] = "first"
+    """Rows ``I`` / columns ``J`` of the Nyström init: the first ``r`` (official code) or the ``r`` of largest norm."""
+    offset: bool = True
+    """Subtract the initial product so that the model starts at the pretrained weights (Nyström modes)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in ("slora", "nlora", "inttune"):
+            raise ValueError(f"mode must be 'slora', 'nlora' or 'inttune', got {self.mode!r}")
+        if self.core not in ("pinv", "raw"):
+            raise ValueError(f"core must be 'pinv' or 'raw', got {self.core!r}")
+        if self.select not in ("first", "norm"):
+            raise ValueError(f"select must be 'first' or 'norm', got {self.select!r}")
+
+
+def nystrom_factors(weight: Tensor, r: int, core: str = "pinv", select: str = "first") -> tuple[Tensor, Tensor, Tensor]:
+    """``(A, N, B) = (W[I, :], W[I, J]^+ or W[I, J], W[:, J])`` in float64 (``B N A`` is the Nyström approximation)."""
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    if select == "first":
+        rows, cols = torch.arange(r), torch.arange(r)
+    else:
+        rows = w.norm(dim=1).topk(r).indices.sort().values
+        cols = w.norm(dim=0).topk(r).indices.sort().values
+    u = w[rows][:, cols]
+    return w[rows].clone(), (torch.linalg.pinv(u) if core == "pinv" else u.clone()), w[:, cols].clone()
+
+
+@register_adapter("nlora")
+class NLoRA(Adapter):
+    """SLoRA / NLoRA / IntTune: ΔW = s·B·N·A with an r×r core N; Nyström init offset to start at W; core-only mode."""
+
+    config_class = NLoRAConfig
+
+    def __init__(self, weight: Tensor, config: NLoRAConfig, **context) -> None:
+        super().__init__(weight, config, **context)
+        kw = {"dtype": weight.dtype, "device": weight.device}
+        r, self.r, self.mode = config.r, config.r, config.mode
+        self.offset = config.offset and config.mode != "slora"
+        self.scale = lora_scale(config.alpha, r, config.rslora)
+        if config.mode == "slora":
+            self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
+            self.lora_N = nn.Parameter(torch.empty(r, r, **kw))
+            init_down_projection(self.lora_A, config.init, r)
+            with torch.no_grad():
+                nn.init.kaiming_uniform_(self.lora_N, a=math.sqrt(5))
+        else:
+            if r > min(self.out_features, self.in_features):
+                raise ValueError(f"the Nyström init needs r={r} <= min(out, in) of the "
+                                 f"{self.out_features}x{self.in_features} weight")
+            a0, n0, b0 = (t.to(**kw) for t in nystrom_factors(weight, r, config.core, config.select))
+            self.lora_N = nn.Parameter(n0.clone())
+            if config.mode == "nlora":
+                self.lora_A = nn.Parameter(a0.clone())
+                self.lora_B = nn.Parameter(b0.clone())
+            # the initial factors are a function of the frozen weight: rebuilt, never saved
+            self.register_buffer("nys_A0", a0, persistent=False)
+            self.register_buffer("nys_B0", b0, persistent=False)
+            if self.offset:
+                self.register_buffer("nys_N0", n0, persistent=False)
+        if config.dropout > 0:
+            self.dropout = nn.Dropout(config.dropout)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        if self.mode == "inttune":
+            n = self.lora_N - self.nys_N0 if self.offset else self.lora_N
+            return n @ self.nys_A0, self.nys_B0
+        na = self.lora_N @ self.lora_A
+        if not self.offset:
+            return na, self.lora_B
+        # B N A - B0 N0 A0 = (B - B0) N A + B0 (N A - N0 A0): both terms exactly zero at init
+        a = torch.cat([na, na - self.nys_N0 @ self.nys_A0])
+        b = torch.cat([self.lora_B - self.nys_B0, self.nys_B0], dim=1)
+        return a, b
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, mode={self.mode}, offset={self.offset}, " + super().extra_repr()
