@@ -22,6 +22,7 @@ overall and per editor.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -164,6 +165,54 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def plot_examples(dataset: Any, path: str, ela: ErrorLevelAnalysis | None = None) -> str:
+    """A figure with one column per editor: the authentic twin, the edit, the true mask and box (green), and the ELA
+    heatmap with its box (red). Returns ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    ela = ela or ErrorLevelAnalysis()
+    first: dict[str, int] = {}
+    for i, e in enumerate(dataset.editors):
+        if dataset.records[i].label == 1:
+            first.setdefault(e, i)
+    twins = {r.pair_id: i for i, r in enumerate(dataset.records) if r.label == 0}
+    cols = sorted(first)
+    fig, axes = plt.subplots(4, len(cols), figsize=(1.6 * len(cols), 6.8), squeeze=False)
+    for c, editor in enumerate(cols):
+        s = dataset.sample(first[editor])
+        real = dataset.sample(twins[s["record"].pair_id])["image"] if s["record"].pair_id in twins else None
+        out = ela.predict(s["image"])
+        w, h = s["image"].size
+        panels = [(real, None, None), (s["image"], None, None), (s["mask"], s["box_pixels"], "lime"),
+                  (out["heatmap"], [v * d for v, d in zip(out["box"], (w, h, w, h))] if out["box"] else None, "red")]
+        for r, (img, box, colour) in enumerate(panels):
+            ax = axes[r, c]
+            ax.axis("off")
+            if img is None:
+                continue
+            ax.imshow(img, cmap="gray" if r >= 2 else None, vmin=0, vmax=1 if r >= 2 else None)
+            if box is not None:
+                ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
+                                       edgecolor=colour, linewidth=1.2))
+        axes[0, c].set_title(editor.replace("_", " "), fontsize=8)
+        axes[3, c].set_title(f"ELA score {out['score']:.2f}", fontsize=7)
+    for r, name in enumerate(("authentic", "edited", "true mask", "ELA heatmap")):
+        axes[r, 0].text(-0.08, 0.5, name, transform=axes[r, 0].transAxes, rotation=90, va="center", ha="right",
+                        fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=70)
+    plt.close(fig)
+    buf.seek(0)  # a 128-colour palette keeps the PNG small enough to commit
+    Image.open(buf).convert("RGB").quantize(colors=128, method=Image.MEDIANCUT).save(path, optimize=True)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m visadapt.methods.ela``: ELA on generated manipulations (or any registered manipulation dataset),
     per editor, as a Markdown table (and JSON with ``--json``)."""
@@ -179,13 +228,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-images", type=int, default=200, help="authentic images (generator only)")
     ap.add_argument("--size", type=int, default=224, help="image side (generator only)")
     ap.add_argument("--seed", type=int, default=0, help="generator seed")
+    ap.add_argument("--editors", nargs="+", default=None, help="generator editors (default: all)")
     ap.add_argument("--quality", type=int, default=90)
     ap.add_argument("--json", default=None, help="also write the full result to this file")
+    ap.add_argument("--plot", default=None, help="also draw one example per editor with its ELA heatmap (PNG)")
     args = ap.parse_args(argv)
     kwargs: dict[str, Any] = {"root": args.root, "split": args.split}
     if args.dataset == "generated_manipulations":
-        kwargs.update(num_images=args.num_images, size=args.size, seed=args.seed)
-    result = evaluate_ela(create_dataset(args.dataset, **kwargs), ErrorLevelAnalysis(args.quality))
+        kwargs.update(num_images=args.num_images, size=args.size, seed=args.seed, editors=args.editors)
+    dataset = create_dataset(args.dataset, **kwargs)
+    if args.plot:
+        print(f"wrote {plot_examples(dataset, args.plot, ErrorLevelAnalysis(args.quality))}")
+    result = evaluate_ela(dataset, ErrorLevelAnalysis(args.quality))
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as fh:
@@ -196,4 +250,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["ErrorLevelAnalysis", "evaluate_ela", "format_table"]
+__all__ = ["ErrorLevelAnalysis", "evaluate_ela", "format_table", "plot_examples"]
