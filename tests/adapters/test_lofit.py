@@ -120,3 +120,56 @@ def test_scale_step_exports_to_peft_with_identical_outputs(toy, tmp_path):
     loaded = peft.PeftModel.from_pretrained(base, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(case.run(loaded), case.run(case.model), rtol=1e-5, atol=1e-5)
+
+
+def test_two_step_switches_at_the_right_step_to_the_top_heads_and_freezes_exactly(tmp_path):
+    from torch import nn
+
+    from visadapt.adapters import SCHEDULES
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 4))
+    base = copy.deepcopy(model)
+    inject(model, LoFiTConfig(target="0|2", num_heads=4, mode="two_step", select_fraction=0.5, top_k=3, init_std=0.1),
+           verbose=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=5e-2, weight_decay=0.1)
+    schedule = SCHEDULES.get("lofit")()
+    cores = [model[0].adapters["default"], model[2].adapters["default"]]
+    gen = torch.Generator().manual_seed(1)
+    model.train()
+    for step in range(1, 9):  # 8 steps: the switch happens after step ceil(0.5 * 8) = 4
+        a_before = [c.lofit_A.detach().clone() for c in cores]
+        v_before = [c.lofit_v.detach().clone() for c in cores]
+        optimiser.zero_grad()
+        l1 = REGULARISERS.get("lofit")(model)
+        assert (l1 is None) == (step > 4)
+        loss = model(torch.randn(16, 8, generator=gen)).pow(2).mean() + (0.0 if l1 is None else l1)
+        loss.backward()
+        optimiser.step()
+        if step == 4:  # the selection must use the a values right after step 4: rank them directly
+            scores = sorted(((c.lofit_A.detach().view(4, -1).norm(dim=1)[h].item(), i, h)
+                             for i, c in enumerate(cores) for h in range(4)), reverse=True)[:3]
+            expected = [sorted(h for _, j, h in scores if j == i) for i in range(2)]
+        schedule.on_train_step_end(model, step, 8, lr=0.0)
+        for i, c in enumerate(cores):
+            if step < 4:
+                assert torch.equal(c.lofit_v, torch.zeros_like(c.lofit_v))  # offsets do not train in step 1
+                assert not torch.equal(c.lofit_A, a_before[i])
+            if step > 4:
+                assert torch.equal(c.lofit_A, torch.zeros_like(c.lofit_A))  # frozen at zero despite AdamW
+                moved = (c.lofit_v != v_before[i]).view(4, -1).any(1)
+                assert moved.tolist() == [h in c.heads for h in range(4)]
+    assert [c.heads for c in cores] == expected and all(c.switched for c in cores)
+    assert REGULARISERS.get("lofit")(model) is None  # no L1 after the switch
+    model.eval()
+    x = torch.randn(3, 8)
+    save_adapter(model, tmp_path, base_identity="toy")
+    load_adapter(base, tmp_path)
+    base.eval()
+    with torch.no_grad():
+        assert torch.equal(base(x), model(x))
+    loaded = base[0].adapters["default"]
+    base.train()
+    base(x)  # the first training forward reads the step back from the parameters
+    assert loaded.switched and loaded.heads == cores[0].heads

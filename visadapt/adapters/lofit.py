@@ -23,6 +23,16 @@ The two steps (official recipe; ``mode``):
    the step-1 model), init ``N(0, init_std^2)``, no penalty. Only the selected heads' offsets exist as parameters
    (``lofit_v``: ``K_layer x head_dim``), not zero rows for the others; ``a`` is not used any more.
 
+``two_step`` runs both steps in one fit (what a single task config can do): ``a`` and a full-width ``v`` (zero) exist
+from the start; gradient masks make only ``a`` train (with the L1 penalty) until the ``lofit`` schedule (in
+``SCHEDULES``) switches after ``select_fraction`` of the optimiser steps: it keeps the global top ``top_k`` heads by
+``||a_h||_2``, sets ``a`` to zero for good and starts the selected heads' offsets from ``N(0, init_std^2)``; the other
+offsets stay exactly zero. Differences from the official two runs: one optimiser (``a``'s moments are discarded by
+resetting it to zero after every step; ``v``'s moments start clean because ``v`` had no gradient before), one
+learning rate for both steps, and the unselected offsets are kept as zeros (``(in,)`` per layer instead of
+``K_layer x head_dim``; :func:`bias_step_config` gives the compact form). The state is read back from the
+parameters after a load or resume (``a == 0`` after the switch).
+
 Official values (Llama-2-7B): step 1 lr 5e-3, ``l1 = 5e-4``, 5 epochs, keep 160 heads; step 2 lr 1e-2 on the top
 16/32/48 of them; both inits ``N(0, 1e-3)`` (read here as standard deviation 1e-3 [code reading]). ``num_heads`` must
 be given (ViT-B and BERT-base: 12, MiniLM-L6: 12). On a non-attention layer the same maths applies to groups of input
@@ -31,6 +41,7 @@ features (the invariant table uses that).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -39,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visadapt.adapters._registry import REGULARISERS, register_adapter
+from visadapt.adapters._registry import REGULARISERS, SCHEDULES, register_adapter
 from visadapt.adapters.base import ADAPTER_CONTAINER, Adapter, AdapterConfig, AdapterLayer
 
 NO_LOWRANK = (
@@ -56,9 +67,14 @@ class LoFiTConfig(AdapterConfig):
     """The attention output projections of the common families (the adapter acts on their input, the heads)."""
     num_heads: int = 12
     """Heads the targeted layer's input is split into (``in_features`` must be divisible by it)."""
-    mode: Literal["scale", "bias"] = "scale"
+    mode: Literal["scale", "bias", "two_step"] = "scale"
     """``scale``: step 1, learn ``a`` on every head (with the L1 penalty). ``bias``: step 2, learn ``v`` on the
-    selected heads only."""
+    selected heads only. ``two_step``: both steps in one fit, switched by the ``lofit`` schedule after
+    ``select_fraction`` of the optimiser steps (see the module docstring)."""
+    select_fraction: float = 0.5
+    """``two_step``: fraction of the optimiser steps spent on step 1 (head selection)."""
+    top_k: int = 16
+    """``two_step``: heads kept, over all layers of the adapter (official 16/32/48 for Llama-2-7B's 1024 heads)."""
     heads: dict[str, list[int]] = field(default_factory=dict)
     """``bias`` mode: module name (regular expression matched in full) -> selected head indices; a targeted module that
     no key matches gets every head. :func:`bias_step_config` fills it from a step-1 model."""
@@ -73,8 +89,10 @@ class LoFiTConfig(AdapterConfig):
         super().__post_init__()
         if not isinstance(self.num_heads, int) or self.num_heads < 1:
             raise ValueError(f"num_heads must be an integer >= 1, got {self.num_heads!r}")
-        if self.mode not in ("scale", "bias"):
-            raise ValueError(f"mode must be 'scale' or 'bias', got {self.mode!r}")
+        if self.mode not in ("scale", "bias", "two_step"):
+            raise ValueError(f"mode must be 'scale', 'bias' or 'two_step', got {self.mode!r}")
+        if not 0 < self.select_fraction < 1 or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"need 0 < select_fraction < 1 and top_k >= 1, got {self.select_fraction}, {self.top_k}")
         for key, heads in self.heads.items():
             re.compile(key)
             if not all(isinstance(h, int) and 0 <= h < self.num_heads for h in heads) or not heads:
@@ -108,28 +126,79 @@ class LoFiT(Adapter):
         self.head_dim = self.in_features // config.num_heads
         # W_o itself: the contribution W_o (a * z + v) needs it, and merging must not change what unmerge subtracts
         self.register_buffer("lofit_W", weight.detach().clone(), persistent=False)
-        if config.mode == "scale":
+        self.heads: list[int] = list(range(config.num_heads))
+        if config.mode in ("scale", "two_step"):
             self.lofit_A = nn.Parameter((torch.randn(self.in_features) * config.init_std).to(**kw))
-            self.heads: list[int] = list(range(config.num_heads))
-        else:
+        if config.mode == "bias":
             self.heads = config.selected_heads()
             self.lofit_v = nn.Parameter((torch.randn(len(self.heads), self.head_dim) * config.init_std).to(**kw))
+        elif config.mode == "two_step":
+            # all heads' offsets, zero until the switch; gradient masks decide what trains in each step
+            self.lofit_v = nn.Parameter(torch.zeros(self.in_features, **kw))
+            self.switched = False
+            self._state_known = False
+            self.register_buffer("mask_A", torch.ones(self.in_features, **kw), persistent=False)
+            self.register_buffer("mask_v", torch.zeros(self.in_features, **kw), persistent=False)
 
     def offset(self) -> Tensor:
         """``v`` over the whole input (zeros on unselected heads), shape ``(in_features,)``."""
+        if self.mode == "two_step":
+            return self.lofit_v
         v = self.lofit_v.new_zeros(self.num_heads, self.head_dim)
         v = v.index_copy(0, torch.tensor(self.heads, device=v.device), self.lofit_v)
         return v.reshape(-1)
 
+    def _trained(self, p: Tensor, mask: Tensor) -> Tensor:
+        """``p`` in value; its gradient only where ``mask`` is 1 (``two_step``)."""
+        return p.detach() + mask * (p - p.detach())
+
     def forward(self, x2d: Tensor) -> Tensor:
-        """The contribution ``W_o (a * z)`` (scale) or ``W_o v`` broadcast over tokens (bias)."""
+        """The contribution ``W_o (a * z + v)`` (``a`` absent in bias mode, ``v`` absent in scale mode)."""
         w = self.lofit_W.to(x2d.dtype)
         if self.mode == "scale":
             return F.linear(x2d * self.lofit_A.to(x2d.dtype), w)
-        return F.linear(self.offset().to(x2d.dtype), w).expand(x2d.shape[0], -1)
+        if self.mode == "bias":
+            return F.linear(self.offset().to(x2d.dtype), w).expand(x2d.shape[0], -1)
+        if self.training and not self._state_known:
+            self._infer_state()
+        a = self._trained(self.lofit_A, self.mask_A).to(x2d.dtype)
+        v = self._trained(self.lofit_v, self.mask_v).to(x2d.dtype)
+        return F.linear(x2d * a + v, w)
+
+    @torch.no_grad()
+    def _infer_state(self) -> None:
+        """``two_step`` after a load or resume: the parameters tell the step (after the switch ``a`` is exactly zero
+        and only the selected heads' offsets are non-zero)."""
+        heads = self.lofit_v.view(self.num_heads, self.head_dim).ne(0).any(1)
+        if not self.lofit_A.any() and (heads.any() or self.config.init_std > 0):  # type: ignore[attr-defined]
+            self.switch([h for h in range(self.num_heads) if heads[h]], reinit=False)
+        self._state_known = True
+
+    @torch.no_grad()
+    def switch(self, heads: list[int], reinit: bool = True) -> None:
+        """``two_step``: end step 1. ``a`` becomes zero and stops training; the offsets of ``heads`` start training
+        (re-initialised ``N(0, init_std^2)`` when ``reinit``), the other offsets stay exactly zero."""
+        self.heads = sorted(heads)
+        self.lofit_A.zero_()
+        self.mask_A.zero_()
+        self.mask_v.zero_()
+        for h in self.heads:
+            cols = slice(h * self.head_dim, (h + 1) * self.head_dim)
+            self.mask_v[cols] = 1
+            if reinit:
+                self.lofit_v[cols] = torch.randn(self.head_dim).to(self.lofit_v) * self.config.init_std  # type: ignore
+        self.switched, self._state_known = True, True
+
+    @torch.no_grad()
+    def enforce(self) -> None:
+        """``two_step`` after the switch: undo what the optimiser's momentum and weight decay did to the frozen ``a``
+        (its gradient is zero, Adam's moments are not)."""
+        if self.switched:
+            self.lofit_A.zero_()
+            self.lofit_v.mul_(self.mask_v)
 
     def factors(self) -> tuple[Tensor, Tensor]:
-        if self.mode == "bias":
+        if self.mode != "scale":
             raise NotImplementedError(NO_LOWRANK)
         return torch.diag(self.lofit_A), self.lofit_W.to(self.lofit_A.dtype)
 
@@ -139,7 +208,9 @@ class LoFiT(Adapter):
         return self.lofit_W.float() * self.lofit_A.float()
 
     def delta_bias(self) -> Tensor | None:
-        return self.lofit_W.float() @ self.offset().float() if self.mode == "bias" else None
+        if self.mode == "scale" or (self.mode == "two_step" and not self.lofit_v.detach().any()):
+            return None
+        return self.lofit_W.float() @ self.offset().float()
 
     def head_norms(self) -> Tensor:
         """``||a_h||_2`` per head (``scale`` mode): the selection score."""
@@ -166,8 +237,8 @@ def select_heads(model: nn.Module, top_k: int, name: str = "default") -> dict[st
     layers of adapter ``name``, as ``{module name: sorted head indices}`` (layers without a selected head left out)."""
     scored = []
     for module_name, core in _lofit_layers(model, name):
-        if core.mode != "scale":
-            raise ValueError(f"{module_name}: head selection needs a scale-mode (step 1) LoFiT adapter")
+        if core.mode == "bias" or (core.mode == "two_step" and core.switched):
+            raise ValueError(f"{module_name}: head selection needs a LoFiT adapter in step 1 (scale)")
         scored += [(float(s), module_name, h) for h, s in enumerate(core.head_norms())]
     if not scored:
         raise ValueError(f"no LoFiT adapter {name!r} in the model")
@@ -198,8 +269,38 @@ def lofit_l1(model: nn.Module) -> Tensor | None:
     """LoFiT step 1's L1 penalty l1·Σ|a| over the model's trainable scale-mode LoFiT adapters (None when none)."""
     total = None
     for name, module in model.named_modules():
-        if (isinstance(module, LoFiT) and module.mode == "scale" and module.lofit_A.requires_grad
-                and f".{ADAPTER_CONTAINER}." in f".{name}."):
+        step1 = isinstance(module, LoFiT) and (module.mode == "scale" or (
+            module.mode == "two_step" and not module.switched))
+        if step1 and module.lofit_A.requires_grad and f".{ADAPTER_CONTAINER}." in f".{name}.":
             term = module.config.l1 * module.lofit_A.abs().sum()  # type: ignore[attr-defined]
             total = term if total is None else total + term
     return total
+
+
+@SCHEDULES.register("lofit")
+class LoFiTTwoStepSchedule:
+    """LoFiT two_step: after select_fraction of the steps, keep the global top-k heads by ||a_h||, then train offsets."""
+
+    def on_train_step_end(self, module: nn.Module, step: int, total_steps: int, lr: float) -> None:
+        """Called after each optimiser step with ``step`` = optimiser steps done so far."""
+        groups: dict[str, list[tuple[str, LoFiT]]] = {}
+        for name, sub in module.named_modules():
+            if isinstance(sub, LoFiT) and sub.mode == "two_step" and sub.lofit_A.requires_grad:
+                adapter = f".{name}.".split(f".{ADAPTER_CONTAINER}.", 1)[-1].split(".", 1)[0]
+                groups.setdefault(adapter, []).append((name, sub))
+        for cores in groups.values():
+            if any(core.switched for _, core in cores):  # (a resumed run infers it per layer)
+                for _, core in cores:
+                    if not core.switched:
+                        core.switch([], reinit=False)
+                for _, core in cores:
+                    core.enforce()
+                continue
+            config = cores[0][1].config
+            if step < math.ceil(config.select_fraction * total_steps):  # type: ignore[attr-defined]
+                continue
+            scored = sorted(((float(s), i, h) for i, (_, core) in enumerate(cores)
+                             for h, s in enumerate(core.head_norms())), reverse=True)
+            keep = scored[: config.top_k]  # type: ignore[attr-defined]
+            for i, (_, core) in enumerate(cores):
+                core.switch([h for _, j, h in keep if j == i])
