@@ -224,3 +224,16 @@ def test_twin_sampler_reshuffles_per_epoch_and_flip_moves_the_box():
         assert np.allclose(b, [x0 / 20, y0 / 10, x1 / 20, y1 / 10])
         flips += b != box
     assert 0 < flips < 6
+
+
+def test_datamodule_on_one_json_file_holds_out_the_groups_of_the_test_editors(generated):
+    _, json_path, records = generated
+    dm = ManipulationDataModule(dataset="manipulation_json", root=str(json_path), image_size=SIZE,
+                                test_editors=["blur", "noise"], val_fraction=0.0, pair_twins=False)
+    dm.setup()
+    assert sorted(dm.test_set.editors) == ["authentic", "authentic", "blur", "noise"]
+    assert len(dm.train_set) == len(records) - 4 and not {"blur", "noise"} & set(dm.train_set.editors)
+    assert {r.pair_id for r in dm.train_set.records}.isdisjoint(r.pair_id for r in dm.test_set.records)
+    assert "with edits by" in dm.test_source
+    b = next(iter(dm.train_dataloader()))
+    assert b["image"].shape[1:] == (3, SIZE, SIZE)

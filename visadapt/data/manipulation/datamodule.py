@@ -85,7 +85,8 @@ class ManipulationDataModule(pl.LightningDataModule):
     """Manipulation data for detection / localisation / explanation, with editors held out for testing.
 
     Training and validation come from the dataset's ``train_split``, the test set from its ``test_split``; when both
-    read the same images (a single JSON file), ``test_fraction`` of the groups are held out as the test set instead.
+    read the same images (a single JSON file), whole groups are held out as the test set instead: those with edits by
+    ``test_editors`` when given, else a random ``test_fraction`` of them.
     ``val_fraction`` of the training groups form the validation set. Editors: the training and validation sets keep
     the edits of ``train_editors``, the test set those of ``test_editors`` (each ``None``: every editor but the other
     list's), together with the authentic twins of the kept edits. For ``generated_manipulations`` the editors and
@@ -106,7 +107,8 @@ class ManipulationDataModule(pl.LightningDataModule):
             disk is subsampled to that many groups (seeded). ``None``: the builder's default / everything.
         test_images: The same for the test set (``None``: ``num_images // 2``, at least 1, or everything).
         val_fraction: Share of the training groups held out for validation.
-        test_fraction: Share of the groups held out for testing when there is no separate test split.
+        test_fraction: Share of the groups held out for testing when there is no separate test split and no
+            ``test_editors``.
         seed: Seed of the generator (when the dataset takes one), the subsampling, the splits and the batch order.
         pair_twins: Training batches hold whole twin groups (real image and its edits) for contrastive hard pairs;
             ``False``: plain shuffled batches. Not for multi-process (DDP) training, whose sampler would split them.
@@ -208,14 +210,20 @@ class ManipulationDataModule(pl.LightningDataModule):
         test_pool = self._load(self.test_split, self.test_editors, test_count)
         train_groups = self._subsample(twin_groups(train_pool), self.num_images, 1)
         if not set(train_pool.paths).isdisjoint(test_pool.paths):
-            # one source for both (a single JSON file): hold out whole groups for testing
-            rng = np.random.default_rng([self.seed, 2])
-            order = rng.permutation(len(train_groups))
-            n_test = max(1, round(self.test_fraction * len(train_groups)))
-            test_groups = [train_groups[i] for i in sorted(order[:n_test])]
-            train_groups = [train_groups[i] for i in sorted(order[n_test:])]
+            # one source for both (a single JSON file): hold out whole groups for testing; with held-out editors,
+            # the groups holding their edits (all of them), otherwise a random test_fraction of the groups
             test_pool = train_pool
-            self.test_source = f"{self.test_fraction:.0%} of the groups of the '{self.train_split}' split"
+            names = train_pool.editors
+            if self.test_editors is not None:
+                held = [any(names[i] in self.test_editors for i in g) for g in train_groups]
+                self.test_source = f"the groups of the '{self.train_split}' split with edits by {self.test_editors}"
+            else:
+                order = np.random.default_rng([self.seed, 2]).permutation(len(train_groups))
+                chosen = set(order[:max(1, round(self.test_fraction * len(train_groups)))].tolist())
+                held = [i in chosen for i in range(len(train_groups))]
+                self.test_source = f"{self.test_fraction:.0%} of the groups of the '{self.train_split}' split"
+            test_groups = [g for g, h in zip(train_groups, held) if h]
+            train_groups = [g for g, h in zip(train_groups, held) if not h]
         else:
             test_groups = self._subsample(twin_groups(test_pool), test_count, 3)
             self.test_source = f"the '{self.test_split}' split"
