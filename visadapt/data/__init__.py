@@ -4,6 +4,7 @@
 """
 
 from visadapt.data import (  # noqa: F401  (each module registers its datasets)
+    captions,
     cifar,
     coop,
     cub,
