@@ -105,7 +105,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as err:  # noqa: BLE001 - any failure: name the file
         raise ValueError(f"{path}: cannot be read as a plain state dict with weights_only=True ({err})") from None
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
+        raise TypeError(f"{path}: expected a state dict, found {type(state).__name__}")
     return state
 
 

@@ -38,6 +38,7 @@ load-state-dict hooks: the same graph). The tracker itself (crops, Hann window, 
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 from dataclasses import asdict
 from typing import Any
@@ -153,7 +154,7 @@ class MlpHead(nn.Module):
     def __init__(self, dim: int, out_features: int, num_layers: int = 3) -> None:
         super().__init__()
         sizes = [dim] * num_layers + [out_features]
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in itertools.pairwise(sizes))
         for layer in self.layers:
             nn.init.trunc_normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
@@ -303,7 +304,7 @@ class LoRAT(AdapterModule):
 
     def head(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Score-map logits ``(B, H, W)`` and normalised xyxy boxes ``(B, H, W, 4)`` (computed in float32)."""
-        b, n = tokens.shape[:2]
+        b = tokens.shape[0]
         scores = self.cls_head(tokens).float().view(b, self.x_grid, self.x_grid)
         ltrb = self.reg_head(tokens).float().sigmoid().view(b, self.x_grid, self.x_grid, 4)
         c = self.centres
