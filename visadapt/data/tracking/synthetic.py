@@ -393,5 +393,61 @@ def tracking_synthetic(root: str | None = None, split: str = "train", num_sequen
     return read_got10k(root, split, dataset="tracking_synthetic")
 
 
-__all__ = ["OBJECT_PHOTOS", "RenderedSequence", "SyntheticConfig", "cover_bin", "generate", "photo_pool",
+def montage(root: str | Path, split: str, path: str | Path, rows: int = 3, every: int = 12, tile: int = 160) -> None:
+    """Save a PNG of generated sequences (every ``every``-th frame; green: the box and cover bin; red: absent),
+    preferring sequences with occlusion or absence."""
+    from PIL import ImageDraw
+
+    ds = read_got10k(root, split)
+    seqs = sorted(ds, key=lambda s: -int(((s.cover < 8) | s.absent).any()))[:rows]
+    out = []
+    for seq in seqs:
+        tiles = []
+        for k in range(0, len(seq), every):
+            im = Image.fromarray(seq.load_frame(k))
+            d = ImageDraw.Draw(im)
+            x, y, w, h = seq.boxes[k]
+            if seq.absent[k]:
+                d.rectangle([0, 0, im.width - 1, im.height - 1], outline=(255, 0, 0), width=3)
+                d.text((6, 4), f"#{k + 1} absent", fill=(255, 0, 0))
+            else:
+                d.rectangle([x, y, x + w - 1, y + h - 1], outline=(0, 255, 0), width=2)
+                d.text((6, 4), f"#{k + 1} cover {seq.cover[k]}", fill=(0, 255, 0))
+            tiles.append(np.asarray(im.resize((tile, tile * im.height // im.width))))
+        out.append(np.concatenate(tiles, 1))
+    Image.fromarray(np.concatenate(out, 0)).quantize(128).save(path, optimize=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m visadapt.data.tracking.synthetic --root DIR``: generate the default splits, print their sizes
+    and the generation speed; ``--montage FILE`` also saves a picture of test sequences."""
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--root", required=True, help="folder to write (must not hold other generated data)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--montage", default=None, help="PNG file of test sequences")
+    args = parser.parse_args(argv)
+    photo_pool()  # loading the photos is not generation time
+    for split, count in _DEFAULT_COUNT.items():
+        start = time.perf_counter()
+        generate(args.root, split, count, args.seed, progress=False)
+        seconds = time.perf_counter() - start
+        ds = read_got10k(args.root, split)
+        frames = sum(len(s) for s in ds)
+        absent = sum(int(s.absent.sum()) for s in ds)
+        hidden = sum(int(((s.cover > 0) & (s.cover < 8)).sum()) for s in ds)
+        print(f"{split}: {len(ds)} sequences, {frames} frames, {absent} absent, {hidden} partly hidden (cover 1-7); "
+              f"{seconds:.1f} s, {frames / seconds:.0f} frames/s")
+    if args.montage:
+        montage(args.root, "test", args.montage)
+        print(f"wrote {args.montage}")
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["OBJECT_PHOTOS", "RenderedSequence", "SyntheticConfig", "cover_bin", "generate", "montage", "photo_pool",
            "render_sequence", "tracking_synthetic"]
