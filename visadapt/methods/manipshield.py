@@ -52,7 +52,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from tqdm.auto import tqdm
 
-from visadapt.adapters import ADAPTERS, AdapterConfig, inject, is_adapter_param
+from visadapt.adapters import ADAPTERS, AdapterConfig, adapter_names, inject, is_adapter_param, set_active_adapter
 from visadapt.backbones import BACKBONES, build_backbone
 from visadapt.methods.base import AdapterModule, PlainKwargs, read_checkpoint
 from visadapt.report import write_report
@@ -277,6 +277,8 @@ class ManipShield(AdapterModule):
             from dataclasses import replace
 
             inject(vlm, replace(self.lm_adapter_cfg, target=bb.resolve_target(self.lm_adapter_cfg.target)), name="lm")
+            # inject() activates only the newest adapter; both act, each on its own layers
+            set_active_adapter(vlm, {n: 1.0 for n in adapter_names(vlm)})
         for n, p in vlm.named_parameters():
             if is_adapter_param(n):
                 p.requires_grad_(True)  # a second inject froze the first adapter
