@@ -110,6 +110,7 @@ def test_pixel_metrics_follow_imdl_benco_including_empty_masks():
         gt[i, 0, y0:y0 + 6, x0:x0 + 9] = 1
     pred = np.clip(gt * 0.4 + rng.random(gt.shape) * 0.7, 0, 1)  # continuous: no ties
     pred[5] = 0.0  # a perfect prediction on an authentic image
+    pred[:4, 0, 0, :3] = 0.5  # exactly at the threshold: not predicted (pred > 0.5)
     shape = np.ones_like(gt)
     shape[:, :, :, -4:] = 0  # padded columns
 
