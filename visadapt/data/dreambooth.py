@@ -11,10 +11,11 @@
 folder. The class noun comes from ``prompts_and_classes.txt`` when present, else from ``subject_class`` or the
 folder name. Class images for prior preservation are a plain folder of images read the same way.
 
-**Offline subject** (``fashion_subject``): 28x28 Fashion-MNIST has no "subject", so one is made from it: a single
-training image (by default the first *Sneaker* of the training split, index chosen with ``item``), colourised with
-a fixed colour (default red, which the greyscale Fashion-MNIST base model never produces) and shown in ``count``
-small variations (shifts of up to 2 pixels and a mirror image), like the 4-6 photos of one object in DreamBooth.
+**Offline subject** (``fashion_subject``): Fashion-MNIST has no "subject", so one is made from it: a single
+training image (by default the first *Sneaker* of the training split, index chosen with ``item``), painted two-tone
+(red above its middle, blue below) on white at 32x32 like the base model's data (which paints every garment in ONE
+of eight colours, so the base model never draws this item), and shown in ``count`` small variations (shifts of up to
+2 pixels and a mirror image), like the 4-6 photos of one object in DreamBooth.
 
 :class:`DreamBoothDataModule` pairs each instance image with the instance prompt and, with prior preservation, a
 class image with the class prompt; an epoch is ``max(#instance, #class) x repeats`` items, as in diffusers'
@@ -107,10 +108,20 @@ def dreambooth(root: str, split: str = "train", transform: Callable | None = Non
     return SubjectImages(paths, subject_class or folder.name.replace("_", " "), transform, on_bad_image)
 
 
-def colourise(grey: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
-    """A greyscale item (white on black) painted ``colour`` on a black background: ``(H, W, 3)`` uint8."""
-    g = grey.astype(np.float32)[..., None] / 255.0
-    return np.clip(g * np.asarray(colour, np.float32), 0, 255).astype(np.uint8)
+def paint_subject(grey: np.ndarray, colour: tuple[int, int, int], colour2: tuple[int, int, int] | None = None,
+                  pad: int = 2) -> np.ndarray:
+    """A greyscale Fashion-MNIST item (white on black) painted like the base model's training data (ink of level
+    ``g`` becomes ``(1 - g) white + g colour`` on white, padded by ``pad`` white pixels), ``(H, W, 3)`` uint8.
+    With ``colour2`` the item is two-tone: ``colour`` above the item's vertical middle, ``colour2`` below it."""
+    from visadapt.data.captions import colourise
+
+    top = colourise(grey[None], np.asarray([colour]), pad)[0]
+    if colour2 is not None:
+        bottom = colourise(grey[None], np.asarray([colour2]), pad)[0]
+        rows = np.flatnonzero(grey.max(1) > 0)
+        middle = pad + (int(rows.mean()) if len(rows) else grey.shape[0] // 2)
+        top[:, middle:] = bottom[:, middle:]
+    return ((top.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
 
 
 def subject_variations(image: np.ndarray, count: int) -> np.ndarray:
@@ -121,16 +132,21 @@ def subject_variations(image: np.ndarray, count: int) -> np.ndarray:
         raise ValueError(f"count must be in [1, {len(shifts)}], got {count}")
     out = []
     for dy, dx, flip in shifts[:count]:
-        view = np.roll(image, (dy, dx), axis=(0, 1))
+        view = np.roll(image, (dy, dx), axis=(0, 1))  # the borders are background: wrapping moves background
         out.append(view[:, ::-1] if flip else view)
     return np.stack(out)
 
 
-@register_dataset("fashion_subject", help="offline DreamBooth subject: one colourised Fashion-MNIST item, a few views")
+@register_dataset("fashion_subject", help="offline DreamBooth subject: one two-tone Fashion-MNIST item, a few views")
 def fashion_subject(root: str | None = None, split: str = "train", transform: Callable | None = None,
-                    classname: str = "Sneaker", item: int = 0, colour: tuple[int, int, int] = (230, 40, 40),
-                    count: int = 5, subject_class: str | None = None, on_bad_image: str = "raise") -> ArrayImageDataset:
-    """One Fashion-MNIST training item, colourised, in ``count`` views: an offline DreamBooth subject.
+                    classname: str = "Sneaker", item: int = 0, colour: tuple[int, int, int] = (215, 25, 30),
+                    colour2: tuple[int, int, int] | None = (25, 70, 210), count: int = 5,
+                    subject_class: str | None = None, on_bad_image: str = "raise") -> ArrayImageDataset:
+    """One Fashion-MNIST training item, painted two-tone, in ``count`` views: an offline DreamBooth subject.
+
+    The default subject is the first *Sneaker* of the training split, red above its middle and blue below it, on
+    white, 32x32: the base model (``visadapt_t2i_base``) paints every garment in one colour, so this two-tone item
+    is something it does not produce from any prompt.
 
     Args:
         root: Fashion-MNIST folder (see the ``fashion_mnist`` dataset).
@@ -138,7 +154,8 @@ def fashion_subject(root: str | None = None, split: str = "train", transform: Ca
         transform: Applied to each PIL image.
         classname: Fashion-MNIST class of the item (``Sneaker``, ``Bag``, ``Ankle boot``, ...).
         item: Which item of that class (0 = the first in the training split).
-        colour: RGB colour of the item (the background stays black).
+        colour: RGB colour of the item (of its upper part when ``colour2`` is given); the background is white.
+        colour2: RGB colour of the item's lower part; ``None`` = one colour.
         count: Number of views (1-8).
         subject_class: Class noun of the subject; default: ``classname`` in lower case.
         on_bad_image: Unused (arrays); accepted for a uniform signature.
@@ -155,7 +172,8 @@ def fashion_subject(root: str | None = None, split: str = "train", transform: Ca
     if not 0 <= item < len(picks):
         raise ValueError(f"item must be in [0, {len(picks)}) for {classname}, got {item}")
     grey = source.images[picks[item]]
-    views = subject_variations(colourise(grey, tuple(int(c) for c in colour)), count)
+    second = None if colour2 is None else tuple(int(c) for c in colour2)
+    views = subject_variations(paint_subject(grey, tuple(int(c) for c in colour), second), count)
     name = subject_class or classname.lower()
     return ArrayImageDataset(views, [0] * count, [name], name=f"fashion_subject/{classname}/{item}",
                              transform=transform)
@@ -276,5 +294,5 @@ class DreamBoothDataModule(pl.LightningDataModule):
                           num_workers=self.num_workers)
 
 
-__all__ = ["DreamBoothDataModule", "PairedPrompts", "SubjectImages", "colourise", "dreambooth",
+__all__ = ["DreamBoothDataModule", "PairedPrompts", "SubjectImages", "paint_subject", "dreambooth",
            "dreambooth_transform", "fashion_subject", "read_classes_file", "subject_variations"]

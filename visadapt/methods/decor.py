@@ -373,28 +373,16 @@ class DreamBoothLoRA(AdapterModule):
 
     # -- training -------------------------------------------------------------------------------------------------
     def predict_noise(self, noisy: Tensor, t: Tensor, enc: dict[str, Any]) -> Tensor:
-        """The UNet's prediction under the backbone's conditioning rule (its ``predict_noise`` when it has one).
-
-        Otherwise: ``encoder_hidden_states = prompt_embeds``, and for SDXL (a ``pooled`` embedding) the pooled text
-        embedding plus ``add_time_ids`` = original size, crop (0, 0), target size, as diffusers' SDXL trainer.
-        """
-        own = getattr(self.t2i, "predict_noise", None)
-        if own is not None:
-            return own(noisy, t, enc)
-        kwargs: dict[str, Any] = {}
-        if enc.get("pooled") is not None:
-            size = int(self.t2i.image_size)
-            time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=noisy.device, dtype=noisy.dtype)
-            kwargs["added_cond_kwargs"] = {"text_embeds": enc["pooled"].to(noisy.dtype),
-                                           "time_ids": time_ids.expand(noisy.shape[0], -1)}
-        return self.t2i.unet(noisy, t, encoder_hidden_states=enc["prompt_embeds"].to(noisy.dtype), **kwargs).sample
+        """The UNet's prediction under the backbone's conditioning rule (``TextToImage.unet_forward``: prompt
+        embeddings for cross-attention; SDXL adds the pooled embedding and the size/crop time ids)."""
+        return self.t2i.unet_forward(noisy, t, enc["prompt_embeds"], enc.get("pooled"))
 
     def noise_prediction_loss(self, images: Tensor, prompts: list[str], is_class: Tensor | None = None,
                               generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """diffusers' DreamBooth loss on a batch: per-sample MSE of the predicted noise (or ``v``), averaged over
         instance rows, plus ``prior_loss_weight`` x the average over class rows when there are any."""
         enc = self.encode(prompts)
-        latents = self.t2i.to_latents(images)
+        latents = self.t2i.to_latents(images, generator=generator)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         if self.noise_offset:
             noise = noise + self.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator,
@@ -404,13 +392,7 @@ class DreamBoothLoRA(AdapterModule):
         t = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=latents.device)
         noisy = sched.add_noise(latents, noise, t)
         pred = self.predict_noise(noisy, t, enc)
-        kind = getattr(sched.config, "prediction_type", "epsilon")
-        if kind == "epsilon":
-            target = noise
-        elif kind == "v_prediction":
-            target = sched.get_velocity(latents, noise, t)
-        else:
-            raise ValueError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
+        target = self.t2i.training_target(latents, noise, t)  # epsilon, v or sample, per the scheduler
         per = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
         if is_class is None:
             is_class = torch.zeros(len(per), dtype=torch.bool, device=per.device)

@@ -118,11 +118,6 @@ def load_model(cfg: dict[str, Any], ckpt: str | None = None, no_lora: bool = Fal
 # -- generation -------------------------------------------------------------------------------------------------------
 
 
-def _repeat(enc: dict[str, Any], index: int, n: int) -> dict[str, Any]:
-    return {k: (v[index : index + 1].expand(n, *v.shape[1:]) if isinstance(v, torch.Tensor) else v)
-            for k, v in enc.items()}
-
-
 @torch.no_grad()
 def generate_images(model: Any, prompts: list[str], seeds: list[int], alpha: float = 0.0,
                     projection: DecorProjection | None = None, steps: int = 25, guidance_scale: float = 5.0,
@@ -139,8 +134,9 @@ def generate_images(model: Any, prompts: list[str], seeds: list[int], alpha: flo
         neg = projection.apply(neg, alpha, negative=True)
     out = []
     for i in range(len(prompts)):
-        cond, uncond = _repeat(enc, i, len(seeds)), _repeat(neg, 0, len(seeds))
-        images = model.sample(cond, uncond, seeds=list(seeds), steps=steps, guidance_scale=guidance_scale)
+        images = model.sample(enc["prompt_embeds"][i : i + 1], neg["prompt_embeds"],
+                              None if enc.get("pooled") is None else enc["pooled"][i : i + 1], neg.get("pooled"),
+                              seeds=list(seeds), steps=steps, guidance_scale=guidance_scale)
         out.append(np.asarray(images.cpu() if isinstance(images, torch.Tensor) else images, dtype=np.uint8))
     return np.stack(out)
 
