@@ -108,6 +108,13 @@ def test_json_round_trip_and_plain_imdl_benco_json(generated, tmp_path):
     assert torch.equal(s["mask"][0].bool(), torch.from_numpy(mask))
     a = ds[0]
     assert a["label"] == 0 and a["mask"].sum() == 0 and not a["has_box"] and a["editor"] == "authentic"
+    # resizing (IMDL-BenCo's is_resizing): nearest-neighbour mask, the normalised box is unchanged
+    ds.transform = ManipulationTransform(image_size=24, mean=(0.5,) * 3, std=(0.25,) * 3)
+    r = ds[1]
+    assert r["image"].shape == (3, 24, 24) and r["mask"].shape == (1, 24, 24)
+    assert set(r["mask"].unique().tolist()) == {0.0, 1.0} and torch.equal(r["box"], s["box"])
+    raw_px = torch.from_numpy(np.asarray(Image.open(records[1].image).resize((24, 24), Image.BILINEAR), np.float32))
+    assert torch.allclose(r["image"], (raw_px.permute(2, 0, 1) / 255 - 0.5) / 0.25)
     # the annotated file gives categories, cues and text
     full = create_dataset("manipulation_json", root=str(json_path))[1]
     assert full["category"] == CATEGORIES.index(records[1].category) and full["has_cues"]
