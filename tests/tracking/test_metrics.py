@@ -133,6 +133,9 @@ def test_zero_size_prediction_replaced_by_previous_except_got10k():
     assert sequence_errors(pred, gt, convention="pytracking")["iou"][2] == pytest.approx(1.0)
     assert sequence_errors(pred, gt, convention="lasot_toolkit")["iou"][2] == pytest.approx(1.0)
     assert sequence_errors(pred, gt, convention="got10k")["iou"][2] == 0.0
+    # a run of empty predictions takes the last good box
+    run = np.array([[10, 10, 20, 20], [12, 10, 20, 20], [0, 0, 0, 0], [0, 0, 0, 5.]])
+    np.testing.assert_allclose(sequence_errors(run, np.repeat(gt[:1], 4, 0))["iou"], [1, 18 / 22, 18 / 22, 18 / 22])
     with pytest.raises(ValueError, match="NaN or negative"):
         sequence_errors(np.array([[0, 0, 1, 1], [0, 0, -1, 1.]]), gt[:2], convention="pytracking")
 

@@ -128,12 +128,12 @@ def precision_curve(errors: np.ndarray, thresholds: np.ndarray = CENTER_THRESHOL
 
 
 def _replace_bad_predictions(pred: np.ndarray, gt: np.ndarray, bad: np.ndarray) -> np.ndarray:
-    """Replace frame i >= 1 flagged ``bad`` (and with a ground truth) by frame i - 1, sequentially."""
+    """Replace frame i >= 1 flagged ``bad`` (and with a ground truth) by frame i - 1, in order, so that a run of bad
+    frames takes the last good one (the toolkits' loop)."""
     pred = pred.copy()
     for i in range(1, len(pred)):
         if bad[i] and not np.isnan(gt[i]).any():
             pred[i] = pred[i - 1]
-            bad[i] = bad[i - 1] if i else False
     return pred
 
 
