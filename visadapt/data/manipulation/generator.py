@@ -125,11 +125,11 @@ def _cache_key(split: str, num_images: int, size: int, editors: Sequence[str], e
 
 def generate(folder: str | Path, num_images: int, split: str = "train", size: int = 224,
              editors: Sequence[str] | None = None, edits_per_image: int = 1, seed: int = 0,
-             progress: bool = True) -> Path:
+             progress: bool = True, overwrite: bool = True) -> Path:
     """Generate ``num_images`` groups into ``folder`` (``images/``, ``masks/``, ``data.json``); returns the JSON path.
 
     The folder is written under a temporary name and renamed when complete, so an interrupted run leaves no half
-    dataset behind.
+    dataset behind. With ``overwrite=False`` a complete folder that appeared meanwhile (a concurrent run) is kept.
     """
     editors = _check_editors(editors)
     if split not in SPLIT_STREAMS:
@@ -164,9 +164,12 @@ def generate(folder: str | Path, num_images: int, split: str = "train", size: in
         "version": GENERATOR_VERSION, "split": split, "num_images": num_images, "size": size, "editors": editors,
         "edits_per_image": edits_per_image, "seed": seed, "seconds": round(elapsed, 3),
         "images": len(records)}, indent=1) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.replace(folder)
+    if (folder / "data.json").is_file() and not overwrite:
+        shutil.rmtree(tmp)  # another process finished the same (deterministic) set first: keep its copy
+    else:
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.replace(folder)
     return folder / "data.json"
 
 
@@ -214,7 +217,7 @@ def generated_manipulations(root: str | None = None, split: str = "train", trans
     json_path = folder / "data.json"
     if regenerate or not json_path.is_file():
         log.info("generating %d manipulation groups into %s", num_images, folder)
-        generate(folder, num_images, split, size, editors, edits_per_image, seed)
+        generate(folder, num_images, split, size, editors, edits_per_image, seed, overwrite=regenerate)
     return ManipulationDataset(read_manipulation_json(json_path), transform, name=str(folder),
                                on_bad_image=on_bad_image)
 
