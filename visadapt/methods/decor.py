@@ -211,6 +211,9 @@ class DecorEvalConfig:
     """Evaluation prompts, with the identifier token (the DreamBooth protocol: 25 per subject)."""
     identifier: str = "sks"
     """The identifier token; it is removed from a prompt before its text alignment (CLIP-T) is scored."""
+    subject_class: str | None = None
+    """Class noun of the subject; prompts written as templates (``"a {0} {1} in the snow"``, DreamBooth's form) get
+    ``{0}`` = identifier and ``{1}`` = this."""
     undesired: list[str] = field(default_factory=list)
     """Undesired prompts whose directions DECOR projects out (see :class:`DecorConfig`)."""
     mode: Literal["words", "axes"] = "words"
@@ -247,6 +250,17 @@ class DecorEvalConfig:
             check_alpha(a)
         if not self.prompts or not self.seeds:
             raise ValueError("evaluation.prompts and evaluation.seeds must not be empty")
+
+    def resolved_prompts(self, prompts: list[str] | None = None) -> list[str]:
+        """``prompts`` (default: this config's) with DreamBooth templates filled in."""
+        out = []
+        for p in prompts if prompts is not None else self.prompts:
+            if "{0}" in p or "{1}" in p:
+                if "{1}" in p and not self.subject_class:
+                    raise ValueError(f"prompt template {p!r} needs evaluation.subject_class")
+                p = p.format(self.identifier, self.subject_class or "")
+            out.append(" ".join(p.split()))
+        return out
 
     def decor(self, alpha: float = 1.0) -> DecorConfig:
         return DecorConfig(undesired=list(self.undesired), alpha=alpha, mode=self.mode, rank=self.rank, tol=self.tol,

@@ -192,7 +192,7 @@ def generate(task: str, prompt: list[str] | None = None, alpha: list[float] = [0
     """
     cfg = read_task(task)
     ev = evaluation_config(cfg, task)
-    prompts = list(prompt or ev.prompts)
+    prompts = ev.resolved_prompts(list(prompt) if prompt else None)
     seeds = list(range(num)) if num else list(seeds or ev.seeds)
     overrides = {k: v for k, v in {"project_negative": project_negative, "project_pooled": project_pooled,
                                    "mode": mode}.items() if v is not None}
@@ -377,7 +377,7 @@ def t2i_sweep(task: str, ckpt: str | None = None, out: str | None = None, alphas
         cli = runner(["fit", "-c", str(task), *(fit_args or [])])
         ckpt = str(getattr(cli.model, "lora_file", None) or ckpt or "")  or None
     alphas = [check_alpha(a) for a in (alphas if alphas is not None else ev.alphas)]
-    seeds, prompts = list(seeds or ev.seeds), list(prompts or ev.prompts)
+    seeds, prompts = list(seeds or ev.seeds), ev.resolved_prompts(list(prompts) if prompts else None)
     steps = steps or ev.steps
     out_dir = Path(out) if out else run_folder(cfg) / "sweep"
     (out_dir / "cells").mkdir(parents=True, exist_ok=True)
