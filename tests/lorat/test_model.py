@@ -205,3 +205,12 @@ def test_full_finetune_baseline_and_layer_decay():
         from visadapt.methods.lorat import default_lora
 
         LoRAT(backbone="tiny_tracking_vit", template_size=48, search_size=96, finetune=True, adapter=default_lora())
+
+
+def test_tiny_backbone_position_grid_is_a_fixed_sincos_grid(model):
+    grid = model.vit.position_grid().detach().double()
+    k = torch.arange(16, dtype=torch.float64)
+    w = 10000.0 ** (-k / 16)
+    for i, j in ((0, 0), (3, 5), (7, 2)):
+        expected = torch.cat([torch.sin(j * w), torch.cos(j * w), torch.sin(i * w), torch.cos(i * w)])
+        torch.testing.assert_close(grid[i, j], expected, atol=1e-6, rtol=0)

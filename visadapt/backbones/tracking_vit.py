@@ -28,8 +28,8 @@ from visadapt.backbones.attention import matching_presets
 from visadapt.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, Preprocess
 from visadapt.backbones.timm import TIMM_PRESETS
 
-__all__ = ["TINY_TRACKING_VIT_ARGS", "TRACKING_PRESETS", "TrackingViT", "tiny_tracking_vit_backbone",
-           "tracking_vit_backbone"]
+__all__ = ["TINY_TRACKING_VIT_ARGS", "TRACKING_PRESETS", "TrackingViT", "sincos_position_grid",
+           "tiny_tracking_vit_backbone", "tracking_vit_backbone"]
 
 TRACKING_PRESETS: dict[str, str] = {
     **{k: v for k, v in TIMM_PRESETS.items() if k != "conv_1x1"},
@@ -163,9 +163,21 @@ def tracking_vit_backbone(
     )
 
 
+def sincos_position_grid(height: int, width: int, dim: int) -> torch.Tensor:
+    """A 2-D sine-cosine position grid ``(height, width, dim)`` (MAE's fixed embedding): a quarter of the channels
+    each for ``sin(x w_k)``, ``cos(x w_k)``, ``sin(y w_k)``, ``cos(y w_k)`` with ``w_k = 10000 ** (-k / (dim / 4))``."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos grid needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
+                            indexing="ij")
+    ax, ay = xs[..., None] * omega, ys[..., None] * omega
+    return torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], dim=-1).float()
+
+
 @register_backbone("tiny_tracking_vit")
 def tiny_tracking_vit_backbone(pretrained: str | None = None, seed: int | None = 0, depth: int = 4,
-                               embed_dim: int = 64) -> Backbone:
+                               embed_dim: int = 64, position_init: str = "sincos") -> Backbone:
     """A small random ViT for the offline tracking task and tests (:data:`TINY_TRACKING_VIT_ARGS`).
 
     Args:
@@ -173,9 +185,21 @@ def tiny_tracking_vit_backbone(pretrained: str | None = None, seed: int | None =
         seed: Seed of the random weights (``None``: the global random state).
         depth: Number of blocks.
         embed_dim: Width (4 heads).
+        position_init: ``sincos``: the position grid is a fixed 2-D sine-cosine grid, a stand-in for a pretrained
+            grid (DINOv2's learned grid is smooth and carries position; timm's random std-0.02 init carries almost
+            none, and LoRAT keeps the grid frozen); ``random``: timm's init. Ignored when ``pretrained`` is given.
     """
+    if position_init not in ("sincos", "random"):
+        raise ValueError(f"position_init must be 'sincos' or 'random', got {position_init!r}")
     args = {**TINY_TRACKING_VIT_ARGS, "depth": depth, "embed_dim": embed_dim}
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        return tracking_vit_backbone("vit_small_patch16_224", pretrained=pretrained, **args)
+        bb = tracking_vit_backbone("vit_small_patch16_224", pretrained=pretrained, **args)
+    if position_init == "sincos" and pretrained in (None, "", "none", "random"):
+        vit: TrackingViT = bb.model
+        gh, gw = vit.grid_size
+        with torch.no_grad():
+            vit.trunk.pos_embed[0, vit.pos_prefix:] = sincos_position_grid(gh, gw, vit.embed_dim).reshape(gh * gw, -1)
+            vit.trunk.pos_embed[0, : vit.pos_prefix] = 0.0
+    return bb
