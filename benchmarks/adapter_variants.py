@@ -65,7 +65,7 @@ def fragments(only: list[str] | None = None) -> dict[str, dict]:
         unknown = sorted(set(only) - set(found))
         if unknown:
             raise SystemExit(f"unknown fragment(s) {unknown}; available: {sorted(found)}")
-        found = {k: v for k, v in found.items() if k in only or k == "lora"}
+        return {k: found[k] for k in dict.fromkeys(["lora", *only])}  # in the order given
     return dict(sorted(found.items(), key=lambda kv: (kv[0] != "lora", kv[0])))
 
 
@@ -273,7 +273,6 @@ def _run_cell(stem: str, seed: int, args, cell: Path, fragment_text: str, schedu
         "--data.init_args.image_size", str(args.image_size),
         "--data.init_args.test_per_class", str(args.test_per_class),
         "--trainer.limit_val_batches", "0",
-        "--trainer.enable_checkpointing", "false",
         "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(log_root),
         "--trainer.logger.init_args.name", name,
