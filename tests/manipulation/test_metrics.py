@@ -14,6 +14,7 @@ from visadapt.metrics.manipulation import (
     box_iou,
     box_metrics,
     breakdown,
+    cue_auc,
     cue_f1,
     image_metrics,
     per_editor_image_metrics,
@@ -69,6 +70,11 @@ def test_cue_f1_matches_sklearn_micro_and_macro():
         got = cue_f1(p, t, zero_division=zd)
         for avg in ("micro", "macro"):
             assert got[avg] == pytest.approx(f1_score(t, (p > 0.5).astype(int), average=avg, zero_division=zd))
+    both = [c for c in range(12) if 0 < t[:, c].sum() < 60]  # sklearn's AUC needs both classes in every label
+    p_tied = p.round(1)  # ties between images
+    got = cue_auc(p_tied, t)
+    assert got["micro"] == pytest.approx(roc_auc_score(t, p_tied, average="micro"))
+    assert got["macro"] == pytest.approx(roc_auc_score(t[:, both], p_tied[:, both], average="macro"))
     keep = np.arange(60) % 3 > 0
     assert cue_f1(p, t, valid=keep)["macro"] == pytest.approx(f1_score(t[keep], p[keep] > 0.5, average="macro",
                                                                        zero_division=0))

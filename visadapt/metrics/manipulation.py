@@ -26,7 +26,8 @@ Pixel level (IMDL-BenCo's ``PixelF1`` / ``PixelIOU`` / ``PixelAUC`` in mode ``"o
 
 Boxes: IoU of ``xyxy`` boxes (any consistent unit), its mean, and the share with IoU >= 0.5.
 Cues: multi-label F1, micro (pooled TP/FP/FN over all labels) and macro (mean of per-label F1, a label without any
-true or predicted positive scoring ``zero_division``), as scikit-learn's ``f1_score(average="micro"/"macro")``.
+true or predicted positive scoring ``zero_division``), as scikit-learn's ``f1_score(average="micro"/"macro")``; and
+the threshold-free multi-label AUC, micro and macro (:func:`cue_auc`).
 Breakdowns: :func:`breakdown` applies any metric per group (category, editor); :func:`per_editor_image_metrics`
 scores each editor's edits against all authentic images.
 """
@@ -162,6 +163,22 @@ def cue_f1(pred: Any, target: Any, threshold: float = 0.5, zero_division: float 
     return {"micro": float(micro), "macro": float(per_label.mean()), "n": len(p)}
 
 
+def cue_auc(scores: Any, target: Any, valid: Any = None) -> dict[str, float]:
+    """Multi-label ROC AUC of cue scores: ``{"micro"}`` (every (image, cue) pair pooled) and ``{"macro"}`` (mean of
+    the per-cue AUCs, over the cues that have both a positive and a negative image; scikit-learn raises instead when
+    one has not), as ``roc_auc_score(average=...)``."""
+    p, t = _np(scores), _np(target) > 0.5
+    if p.shape != t.shape or p.ndim != 2:
+        raise ValueError(f"cue scores {p.shape} and targets {t.shape} must both be (N, C)")
+    if valid is not None:
+        keep = _np(valid, bool).ravel()
+        p, t = p[keep], t[keep]
+    per_cue = [roc_auc(p[:, c], t[:, c]) for c in range(p.shape[1])]
+    defined = [a for a in per_cue if not np.isnan(a)]
+    return {"micro": roc_auc(p.ravel(), t.ravel()), "macro": float(np.mean(defined)) if defined else float("nan"),
+            "n": len(p)}
+
+
 # -- pixels -----------------------------------------------------------------------------------------------------------
 def _flat_masks(pred: Any, target: Any, shape_mask: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     p, t = _np(pred, np.float64), _np(target, np.float64)
@@ -265,6 +282,6 @@ def per_editor_image_metrics(scores: Any, labels: Any, editors: Sequence[str], t
     return out
 
 
-__all__ = ["EMPTY_RULES", "average_ranks", "box_iou", "box_metrics", "breakdown", "cue_f1", "image_accuracy",
+__all__ = ["EMPTY_RULES", "average_ranks", "box_iou", "box_metrics", "breakdown", "cue_auc", "cue_f1", "image_accuracy",
            "image_auc", "image_f1", "image_metrics", "per_editor_image_metrics", "pixel_metrics", "pixel_scores",
            "roc_auc"]
