@@ -22,6 +22,10 @@ column is frozen (``freeze``):
 * ``gradient`` (the official code): only the gradient of a frozen column is zeroed, so AdamW's momentum and weight
   decay still move it.
 
+The remembered values live in the adapter, not in checkpoints: a run resumed after columns were frozen freezes them
+again at the first optimiser step after the resume, at the values they have then (in ``exact`` mode the checkpoint
+holds the frozen values, so only that one step can move them).
+
 **LaMDA++** (``rank_allocation="energy"``): each matrix gets its own rank from the energy spectrum of its frozen
 weight. The paper describes "normalised energy of the singular values" without the formula [paper-level reading];
 chosen here: with ``e`` the fraction of ``sum sigma^2`` held by the top-``r`` singular values and ``e_flat = r / k``

@@ -266,7 +266,7 @@ def bias_step_config(model: nn.Module, top_k: int, name: str = "default", **over
 
 @REGULARISERS.register("lofit")
 def lofit_l1(model: nn.Module) -> Tensor | None:
-    """LoFiT step 1's L1 penalty l1·Σ|a| over the model's trainable scale-mode LoFiT adapters (None when none)."""
+    """LoFiT step 1's L1 penalty l1·Σ|a| over the trainable LoFiT adapters in step 1 (None when there are none)."""
     total = None
     for name, module in model.named_modules():
         step1 = isinstance(module, LoFiT) and (module.mode == "scale" or (
