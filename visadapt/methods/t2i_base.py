@@ -42,7 +42,7 @@ from visadapt.report import write_report
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TextToImageBase", "image_grid"]
+__all__ = ["TextToImageBase", "export_checkpoint", "image_grid"]
 
 
 def image_grid(images: torch.Tensor, rows: int, labels: list[str] | None = None, scale: int = 2) -> Any:
@@ -213,37 +213,95 @@ class TextToImageBase(AdapterModule):
     def on_fit_end(self) -> None:
         self.report["train_seconds"] = round(self.resumed_train_seconds + time.perf_counter() - self._fit_started, 2)
         self.report["steps"] = self.global_step
+        if not self.trainer.is_global_zero:
+            return
+        if not self.trainer.loggers:  # e.g. fast_dev_run: score the samples, write nothing outside a run folder
+            self.report.update({f"eval_{k}": round(v, 4) for k, v in self.samples_and_scores()[2].items()})
+            return
+        for logger in self.trainer.loggers:
+            logger.save()
+        self.finalize(Path(self.trainer.log_dir), self.global_step,
+                      getattr(self.trainer.datamodule, "batch_size", None))
+        for logger in self.trainer.loggers:
+            logger.log_metrics({k: v for k, v in self.report.items() if k.startswith("eval_")}, step=self.global_step)
+            logger.save()
+
+    def finalize(self, log_dir: Path, steps: int, batch_size: int | None) -> Path:
+        """Samples, scores, plots, the exported model and the report, written into ``log_dir``; returns the export.
+
+        Also used by :func:`export_checkpoint` for a run that was stopped before its end.
+        """
+        import matplotlib.pyplot as plt
+
+        log_dir = Path(log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.report["steps"] = steps
+        if not self.losses and (log_dir / "metrics.csv").is_file():  # a finished run's losses, from its CSV log
+            import csv
+
+            with open(log_dir / "metrics.csv", newline="") as f:
+                self.losses = [float(r["train_loss"]) for r in csv.DictReader(f) if r.get("train_loss")]
         tail = self.losses[-100:]
         if tail:
             self.report["final_loss_mean_last_100"] = round(float(np.mean(tail)), 5)
-        if not self.trainer.is_global_zero:
-            return
         images, prompts, scores = self.samples_and_scores()
         self.report["eval"] = {"prompts": len(prompts), "seeds_per_prompt": self.eval_seeds,
                                "steps": self.eval_steps, "guidance_scale": self.guidance_scale, **scores}
         self.report.update({f"eval_{k}": round(v, 4) for k, v in scores.items()})
-        if not self.trainer.loggers:  # e.g. fast_dev_run: nothing is written outside a run folder
-            return
-        log_dir = Path(self.trainer.log_dir)
-        for logger in self.trainer.loggers:
-            logger.log_metrics({f"eval_{k}": v for k, v in scores.items()}, step=self.global_step)
-            logger.save()
         fig = image_grid(images, len(prompts), prompts)
         fig.savefig(log_dir / "samples.png", dpi=100)
-        import matplotlib.pyplot as plt
-
         plt.close(fig)
-        self._loss_plot(log_dir / "loss.png")
-        meta = {"version": "v1", "identity": "visadapt_t2i_base:v1", "trained_steps": self.global_step, "train_seconds": self.report["train_seconds"],
-                "batch_size": getattr(self.trainer.datamodule, "batch_size", None), "ema_decay": self.ema_decay,
-                "data": "colourised Fashion-MNIST train (fashion_mnist_captions)", "eval": self.report["eval"]}
-        exported = self.t2i.unet
+        if self.losses:
+            self._loss_plot(log_dir / "loss.png")
+        meta = {"version": "v1", "identity": "visadapt_t2i_base:v1", "trained_steps": steps,
+                "train_seconds": self.report.get("train_seconds"), "batch_size": batch_size,
+                "ema_decay": self.ema_decay, "data": "colourised Fashion-MNIST train (fashion_mnist_captions)",
+                "eval": self.report["eval"]}
+        trained = self.t2i.unet
         self.t2i.unet = self.exported_unet()
         try:
             folder = save_t2i_base(self.t2i, log_dir / "t2i_base", meta, dtype=self.export_dtype)
         finally:
-            self.t2i.unet = exported
+            self.t2i.unet = trained
         self.report["exported"] = str(folder)
         md = write_report(log_dir, self.report, title="t2i base report")
         print(md.read_text())
         print(f"report written to {md}; samples in {log_dir / 'samples.png'}")
+        return folder
+
+
+def export_checkpoint(ckpt_path: str, log_dir: str | None = None, **kwargs: Any) -> Path:
+    """Export, sample and score the weights of a :class:`TextToImageBase` checkpoint (e.g. of a run stopped early).
+
+    Args:
+        ckpt_path: A checkpoint written during ``fit`` (``.../checkpoints/last.ckpt``).
+        log_dir: Where to write (default: the run folder holding ``checkpoints/``).
+        kwargs: :class:`TextToImageBase` arguments (the run's; ``backbone_kwargs`` defaults to an untrained UNet
+            whose weights the checkpoint then replaces).
+
+    Returns:
+        The exported model folder.
+    """
+    from visadapt.methods.base import read_checkpoint
+
+    ckpt = read_checkpoint(ckpt_path)
+    model = TextToImageBase(**kwargs)
+    model.on_load_checkpoint(ckpt)  # fails when a trained tensor is missing
+    model.load_state_dict(ckpt["state_dict"], strict=False)
+    model.report["train_seconds"] = round(model.resumed_train_seconds, 2)
+    model.report["exported_from"] = str(ckpt_path)
+    out = Path(log_dir) if log_dir else Path(ckpt_path).resolve().parent.parent
+    return model.finalize(out, int(ckpt["global_step"]), None)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Export, sample and score a t2i base checkpoint (a run stopped "
+                                                 "before its end).")
+    parser.add_argument("ckpt_path")
+    parser.add_argument("--log_dir", default=None)
+    parser.add_argument("--eval_seeds", type=int, default=4)
+    parser.add_argument("--eval_steps", type=int, default=25)
+    args = parser.parse_args()
+    export_checkpoint(args.ckpt_path, args.log_dir, eval_seeds=args.eval_seeds, eval_steps=args.eval_steps)
