@@ -7,7 +7,8 @@
 **Cost** (``cost``): each fragment's adapter config (its ``target`` replaced by ViT-B's ``qkv``, ``proj``, ``fc1`` and
 ``fc2`` Linears of all 12 blocks, since fragment targets name the few-shot backbone's presets; LoFiT, which edits
 attention heads, goes on the 12 ``attn.proj`` inputs) injected into a randomly initialised timm
-``vit_base_patch16_224``. All configurations share one copy of the frozen base weights. One training step =
+``vit_base_patch16_224`` (``--depth`` of its 12 blocks; all blocks have the same layer shapes, so a shallower model
+keeps the per-block costs and ratios). All configurations share one copy of the frozen base weights. One training step =
 ``zero_grad`` + forward + cross-entropy (+ the variant's registered ``REGULARISERS`` term) + backward + AdamW step (+
 its ``SCHEDULES`` companion). Steps run interleaved (one step of each configuration per round, the order rotated every
 round) after ``--warmup`` rounds; the table gives the median over ``--repeats`` rounds and its ratio to the ``lora``
@@ -94,7 +95,7 @@ def bench_cost(args) -> dict:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    base = timm.create_model("vit_base_patch16_224", pretrained=False).to(device).eval()
+    base = timm.create_model("vit_base_patch16_224", pretrained=False, depth=args.depth).to(device).eval()
     base.requires_grad_(False)
     shared = {id(p): p for p in base.parameters()} | {id(b): b for b in base.buffers()}
     base_storages = {p.untyped_storage().data_ptr() for p in base.parameters()}
@@ -205,7 +206,8 @@ def bench_cost(args) -> dict:
             row["memory_ratio"] = row["memory_bytes"] / ref["memory_bytes"]
             row["trainable_ratio"] = row["trainable"] / ref["trainable"]
     return {
-        "model": "timm vit_base_patch16_224 (random init), adapters on " + VIT_TARGET,
+        "model": f"timm vit_base_patch16_224 (random init, {args.depth} of its 12 blocks), adapters on " + VIT_TARGET,
+        "depth": args.depth,
         "batch_size": args.batch_size,
         "warmup": args.warmup,
         "repeats": args.repeats,
@@ -371,6 +373,8 @@ def main(argv: list[str] | None = None) -> None:
     cost = sub.add_parser("cost", help="trainable parameters, step time and memory against LoRA on ViT-B/16")
     cost.add_argument("--device", default="cpu")
     cost.add_argument("--batch-size", type=int, default=2)
+    cost.add_argument("--depth", type=int, default=12, help="ViT-B blocks to build (12 = ViT-B/16; every block has the "
+                      "same layer shapes, so fewer blocks keep the per-block ratios and cost less)")
     cost.add_argument("--warmup", type=int, default=1, help="untimed rounds (the first also counts saved tensors)")
     cost.add_argument("--repeats", type=int, default=5, help="timed rounds; the table gives their median")
     cost.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
