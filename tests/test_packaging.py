@@ -83,7 +83,9 @@ def test_list_tasks_runs_from_the_unpacked_wheel(wheel, tmp_path):
     out = proc.stdout
     for task in (ROOT / "tasks").glob("*.yaml"):
         assert f"  {task.stem} " in out, task.stem
-    assert str(site / "visadapt" / "assets" / "tasks") + "/<name>.yaml" in out
+    assert f"(in {site / 'visadapt' / 'assets' / 'tasks'}/)" in out
+    # the run line of each task points at the wheel's copy, not at a tasks/ folder that is not there
+    assert f"run: python -m visadapt fit -c {site / 'visadapt' / 'assets' / 'tasks' / 'clip_fewshot.yaml'}" in out
 
 
 def test_checkout_reads_the_repository_folders():

@@ -426,8 +426,9 @@ def _list(argv: list[str]) -> int:
             # each task names its own command in its header (fit, fscil, ...): show that one, not a guess
             run = next((c[c.index("python -m visadapt"):] for c in comments if "python -m visadapt" in c), "")
             print(f"  {f.stem:28s} {comments[0] if comments else ''}")
-            if run:
-                print(f"  {'':28s} run: {run.split('  ')[0]}")
+            if run:  # the header says tasks/<name>.yaml: point at the file actually found (a wheel ships its copy)
+                run = run.split("  ")[0].replace(f"tasks/{f.name}", shown(f))
+                print(f"  {'':28s} run: {run}")
     return 0
 
 
