@@ -45,20 +45,39 @@ DEFAULT_BACKBONE = "visadapt_t2i_base"
 # -- task reading -----------------------------------------------------------------------------------------------------
 
 
-def read_task(task: str | Path) -> dict[str, Any]:
-    """The task YAML as a dict; a clear error naming the file when it is missing or not a DreamBoothLoRA task."""
-    path = Path(task)
-    if not path.is_file():
-        raise UserError(f"task file not found: {path}")
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {e}") from None
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``, dictionaries merged key by key, anything else replaced (as jsonargparse's -c)."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_task(task: str | Path | list[str]) -> dict[str, Any]:
+    """The task YAML(s) as one dict (later files override earlier ones); a clear error naming the file when one is
+    missing or invalid, or when the result is not a DreamBoothLoRA task."""
+    cfg: dict[str, Any] = {}
+    for one in ([task] if isinstance(task, (str, Path)) else list(task)):
+        path = Path(one)
+        if not path.is_file():
+            raise UserError(f"task file not found: {path}")
+        try:
+            part = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(part, dict):
+            raise UserError(f"{path}: a task file must be a YAML mapping")
+        cfg = _merge(cfg, part)
     model = cfg.get("model") or {}
     if not isinstance(model, dict) or not str(model.get("class_path", "")).endswith("DreamBoothLoRA"):
-        raise UserError(f"{path}: model.class_path must be DreamBoothLoRA (a text-to-image task), got "
+        raise UserError(f"{task}: model.class_path must be DreamBoothLoRA (a text-to-image task), got "
                         f"{model.get('class_path') if isinstance(model, dict) else model!r}")
     return cfg
+
+
+def _task_args(task: str | list[str]) -> list[str]:
+    files = [task] if isinstance(task, str) else list(task)
+    return [a for f in files for a in ("-c", str(f))]
 
 
 def _init_args(section: dict[str, Any] | None) -> dict[str, Any]:
@@ -164,7 +183,7 @@ def _scale_for(size: int) -> int:
     return max(1, 96 // size)
 
 
-def generate(task: str, prompt: list[str] | None = None, alpha: list[float] = [0.0],  # noqa: B006
+def generate(task: str | list[str], prompt: list[str] | None = None, alpha: list[float] = [0.0],  # noqa: B006
              ckpt: str | None = None, no_lora: bool = False, undesired: list[str] | None = None,
              seeds: list[int] | None = None, steps: int | None = None, guidance_scale: float | None = None,
              negative_prompt: str | None = None, project_negative: bool | None = None,
@@ -173,7 +192,7 @@ def generate(task: str, prompt: list[str] | None = None, alpha: list[float] = [0
     """Generate an image grid (rows: prompt x alpha, columns: seeds) with the task's model, LoRA and DECOR.
 
     Args:
-        task: Task YAML (as for ``fit -c``).
+        task: Task YAML (as for ``fit -c``), or several merged in order.
         prompt: Prompts (default: the task's ``evaluation.prompts``).
         alpha: DECOR projection degrees in [0, 1] (0 = no projection); one grid row per prompt and alpha.
         ckpt: diffusers LoRA file or folder; default: the newest run of the task.
@@ -352,13 +371,13 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, metric_name: str, title:
     os.replace(tmp, path)
 
 
-def t2i_sweep(task: str, ckpt: str | None = None, out: str | None = None, alphas: list[float] | None = None,
+def t2i_sweep(task: str | list[str], ckpt: str | None = None, out: str | None = None, alphas: list[float] | None = None,
               seeds: list[int] | None = None, prompts: list[str] | None = None, steps: int | None = None,
               fit: bool = False, fit_args: list[str] | None = None, runner: Runner | None = None) -> dict[str, Any]:
     """The DECOR alpha sweep: every (alpha, prompt) cell for fixed seeds, scored; table, Pareto plot and grid.
 
     Args:
-        task: Task YAML (a DreamBoothLoRA task with an ``evaluation`` section).
+        task: Task YAML (a DreamBoothLoRA task with an ``evaluation`` section), or several merged in order.
         ckpt: diffusers LoRA file or folder; default: the newest run of the task.
         out: Sweep folder; default ``<run folder>/sweep``. Finished cells in ``cells/`` are reused.
         alphas: Projection degrees (default: the task's, 0, 0.25, 0.5, 0.75, 1).
@@ -374,7 +393,7 @@ def t2i_sweep(task: str, ckpt: str | None = None, out: str | None = None, alphas
     if fit:
         if runner is None:
             raise TypeError("t2i_sweep(fit=True) needs runner= (python -m visadapt t2i_sweep passes it)")
-        cli = runner(["fit", "-c", str(task), *(fit_args or [])])
+        cli = runner(["fit", *_task_args(task), *(fit_args or [])])
         ckpt = str(getattr(cli.model, "lora_file", None) or ckpt or "")  or None
     alphas = [check_alpha(a) for a in (alphas if alphas is not None else ev.alphas)]
     seeds, prompts = list(seeds or ev.seeds), ev.resolved_prompts(list(prompts) if prompts else None)
@@ -417,7 +436,8 @@ def t2i_sweep(task: str, ckpt: str | None = None, out: str | None = None, alphas
     has_dino = "dino" in rows[0]
     table = sweep_table(rows, scorer.metric_name, has_dino)
     (out_dir / "table.md").write_text(table)
-    result = {"task": str(task), **meta, "metric_model": scorer.metric_name, "prompts": prompts,
+    result = {"task": task if isinstance(task, str) else list(task), **meta, "metric_model": scorer.metric_name,
+              "prompts": prompts,
               "rows": rows, "pareto": [rows[i]["alpha"] for i in pareto_front([(r["clip_i"], r["clip_t"])
                                                                                 for r in rows])],
               "reused_cells": reused}
@@ -439,7 +459,8 @@ def _parse(fn: Callable, prog: str, args: list[str], skip: set[str]) -> dict[str
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(prog=prog, description=(fn.__doc__ or "").split("\n\n")[0], parser_mode="yaml")
-    parser.add_argument("-c", "--config_task", dest="task", help="Task YAML (same as --task)")
+    parser.add_argument("-c", "--config_task", dest="task", action="append",
+                        help="Task YAML; repeat to merge several (later ones override)")
     parser.add_function_arguments(fn, skip=skip | {"task"})
     cfg = parser.parse_args(args)
     kwargs = {k: v for k, v in vars(cfg).items() if not k.startswith("__")}
