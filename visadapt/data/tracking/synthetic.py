@@ -142,7 +142,7 @@ def bundled_videos() -> list[str]:
 
 
 @lru_cache(maxsize=4)
-def load_video(path: str, max_side: int = 480, max_frames: int = 300) -> np.ndarray:
+def load_video(path: str, max_side: int = 320, max_frames: int = 200) -> np.ndarray:
     """Frames ``(T, H, W, 3)`` uint8 of a video file (imageio; GIF works without plugins), downscaled so that the
     longer side is at most ``max_side``; a file that cannot be decoded raises :class:`UserError` naming it."""
     import imageio.v3 as iio
@@ -175,12 +175,13 @@ def _video_background(path: str, n: int, W: int, H: int, rng: np.random.Generato
     video = load_video(path)
     T, h, w = video.shape[:3]
     zoom = max(W / w, H / h) * rng.uniform(1.0, 1.3)
-    zw, zh = int(np.ceil(w * zoom)), int(np.ceil(h * zoom))
+    zw, zh = max(W, int(np.floor(w * zoom))), max(H, int(np.floor(h * zoom)))
     x0, y0 = int(rng.integers(0, zw - W + 1)), int(rng.integers(0, zh - H + 1))
     start = int(rng.integers(0, T))
     cycle = np.concatenate([np.arange(T), np.arange(T - 2, 0, -1)]) if T > 1 else np.zeros(1, int)
     order = cycle[(start + np.arange(n)) % len(cycle)]
-    return [_resize(video[i], zw, zh)[y0:y0 + H, x0:x0 + W] for i in order]
+    box = (x0 / zoom, y0 / zoom, (x0 + W) / zoom, (y0 + H) / zoom)  # the window in source pixels
+    return [np.asarray(Image.fromarray(video[i]).resize((W, H), Image.Resampling.BILINEAR, box=box)) for i in order]
 
 
 def cover_bin(visible_fraction: float) -> int:
