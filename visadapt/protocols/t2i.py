@@ -111,10 +111,13 @@ def newest_lora(cfg: dict[str, Any]) -> Path | None:
     return max(found)[1] if found else None
 
 
-def load_model(cfg: dict[str, Any], ckpt: str | None = None, no_lora: bool = False) -> tuple[Any, str, Path | None]:
-    """Build the task's text-to-image backbone and load its LoRA; returns ``(model, identity, lora_file)``."""
+def load_model(cfg: dict[str, Any], ckpt: str | None = None, no_lora: bool = False,
+               backbone_kwargs: dict[str, Any] | None = None) -> tuple[Any, str, Path | None]:
+    """Build the task's text-to-image backbone (``backbone_kwargs`` replace the task's) and load its LoRA; returns
+    ``(model, identity, lora_file)``."""
     args = _init_args(cfg.get("model"))
-    bb = build_backbone(args.get("backbone", DEFAULT_BACKBONE), **(args.get("backbone_kwargs") or {}))
+    kwargs = backbone_kwargs if backbone_kwargs is not None else (args.get("backbone_kwargs") or {})
+    bb = build_backbone(args.get("backbone", DEFAULT_BACKBONE), **kwargs)
     model = bb.model.eval()
     lora = None
     if not no_lora:
@@ -188,7 +191,8 @@ def generate(task: str | list[str], prompt: list[str] | None = None, alpha: list
              seeds: list[int] | None = None, steps: int | None = None, guidance_scale: float | None = None,
              negative_prompt: str | None = None, project_negative: bool | None = None,
              project_pooled: bool | None = None, mode: str | None = None, out: str | None = None,
-             save_images: str | None = None, num: int | None = None) -> Path:
+             save_images: str | None = None, num: int | None = None,
+             backbone_kwargs: dict[str, Any] | None = None) -> Path:
     """Generate an image grid (rows: prompt x alpha, columns: seeds) with the task's model, LoRA and DECOR.
 
     Args:
@@ -208,6 +212,7 @@ def generate(task: str | list[str], prompt: list[str] | None = None, alpha: list
         out: Grid PNG path; default ``<run folder>/generate/grid.png``.
         save_images: Also write every image as a PNG into this folder (e.g. class images for prior preservation).
         num: With ``save_images``: this many images per prompt (seeds 0..num-1), replacing ``seeds``.
+        backbone_kwargs: Replace the task's ``model.init_args.backbone_kwargs`` (e.g. ``{model_dir: ...}``).
     """
     cfg = read_task(task)
     ev = evaluation_config(cfg, task)
@@ -221,7 +226,7 @@ def generate(task: str | list[str], prompt: list[str] | None = None, alpha: list
     if undesired is not None:
         decor.undesired = list(undesired)
     alphas = [check_alpha(a) for a in alpha]
-    model, identity, lora = load_model(cfg, ckpt, no_lora)
+    model, identity, lora = load_model(cfg, ckpt, no_lora, backbone_kwargs)
     projection = None
     if any(a > 0 for a in alphas):
         if not decor.undesired:
@@ -373,7 +378,8 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, metric_name: str, title:
 
 def t2i_sweep(task: str | list[str], ckpt: str | None = None, out: str | None = None, alphas: list[float] | None = None,
               seeds: list[int] | None = None, prompts: list[str] | None = None, steps: int | None = None,
-              fit: bool = False, fit_args: list[str] | None = None, runner: Runner | None = None) -> dict[str, Any]:
+              fit: bool = False, fit_args: list[str] | None = None, backbone_kwargs: dict[str, Any] | None = None,
+              runner: Runner | None = None) -> dict[str, Any]:
     """The DECOR alpha sweep: every (alpha, prompt) cell for fixed seeds, scored; table, Pareto plot and grid.
 
     Args:
@@ -385,7 +391,9 @@ def t2i_sweep(task: str | list[str], ckpt: str | None = None, out: str | None = 
         prompts: Evaluation prompts (default: the task's).
         steps: Sampling steps (default: the task's).
         fit: Train the LoRA first (``python -m visadapt fit -c <task>``), then sweep with it.
-        fit_args: Extra ``fit`` arguments with ``fit``, e.g. ``["--trainer.max_steps=10"]``.
+        fit_args: Extra ``fit`` arguments with ``fit``, e.g. ``["--trainer.max_steps=10"]``; the sweep then uses
+            the backbone the fit used.
+        backbone_kwargs: Replace the task's ``model.init_args.backbone_kwargs`` (e.g. ``{model_dir: ...}``).
         runner: Runs ``fit`` from its arguments (the CLI passes its own).
     """
     cfg = read_task(task)
@@ -394,13 +402,19 @@ def t2i_sweep(task: str | list[str], ckpt: str | None = None, out: str | None = 
         if runner is None:
             raise TypeError("t2i_sweep(fit=True) needs runner= (python -m visadapt t2i_sweep passes it)")
         cli = runner(["fit", *_task_args(task), *(fit_args or [])])
-        ckpt = str(getattr(cli.model, "lora_file", None) or ckpt or "")  or None
+        lora_file = getattr(cli.model, "lora_file", None)
+        if lora_file is None:
+            raise UserError("the fit wrote no LoRA file (model.init_args.save_lora false, or fast_dev_run)")
+        ckpt = str(lora_file)
+        cfg["model"].setdefault("init_args", {})["backbone"] = cli.model.hparams["backbone"]
+        if backbone_kwargs is None:
+            backbone_kwargs = dict(cli.model.hparams.get("backbone_kwargs") or {})
     alphas = [check_alpha(a) for a in (alphas if alphas is not None else ev.alphas)]
     seeds, prompts = list(seeds or ev.seeds), ev.resolved_prompts(list(prompts) if prompts else None)
     steps = steps or ev.steps
     out_dir = Path(out) if out else run_folder(cfg) / "sweep"
     (out_dir / "cells").mkdir(parents=True, exist_ok=True)
-    model, identity, lora = load_model(cfg, ckpt)
+    model, identity, lora = load_model(cfg, ckpt, backbone_kwargs=backbone_kwargs)
     decor = ev.decor()
     projection = build_projection(model.encode_prompt, decor) if any(a > 0 for a in alphas) else None
     scorer = Scorer(ev, reference_images(cfg))
