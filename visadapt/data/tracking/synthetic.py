@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -58,24 +58,32 @@ _SPLIT_STREAM = {"train": 0, "val": 1, "test": 2}
 _DEFAULT_COUNT = {"train": 48, "val": 8, "test": 12}
 
 
-@lru_cache(maxsize=1)
-def photo_pool() -> dict[str, np.ndarray]:
-    """Every bundled photo as ``uint8 (H, W, 3)`` (grey ones replicated to 3 channels); nothing downloads."""
-    from skimage import data as skdata
-    from sklearn.datasets import load_sample_image
+PHOTOS = ("skimage.astronaut", "skimage.coffee", "skimage.chelsea", "skimage.rocket", "skimage.hubble_deep_field",
+          "skimage.immunohistochemistry", "skimage.camera", "skimage.brick", "skimage.grass", "skimage.gravel",
+          "skimage.moon", "skimage.coins", "skimage.colorwheel", "skimage.motorcycle", "sklearn.china",
+          "sklearn.flower")
+"""Every bundled photo the generator uses (objects, backgrounds, occluders)."""
 
-    names = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "camera",
-             "brick", "grass", "gravel", "moon", "coins", "colorwheel")
-    out: dict[str, np.ndarray] = {}
-    for n in names:
-        img = getattr(skdata, n)()
-        if img.ndim == 2:
-            img = np.stack([img] * 3, -1)
-        out[f"skimage.{n}"] = np.ascontiguousarray(img[..., :3]).astype(np.uint8)
-    out["skimage.motorcycle"] = np.ascontiguousarray(skdata.stereo_motorcycle()[0][..., :3]).astype(np.uint8)
-    for n in ("china", "flower"):
-        out[f"sklearn.{n}"] = load_sample_image(f"{n}.jpg")
-    return out
+
+@cache
+def load_photo(name: str) -> np.ndarray:
+    """One bundled photo as ``uint8 (H, W, 3)`` (grey ones replicated to 3 channels); nothing downloads."""
+    source, fn = name.split(".", 1)
+    if source == "sklearn":
+        from sklearn.datasets import load_sample_image
+
+        return load_sample_image(f"{fn}.jpg")
+    from skimage import data as skdata
+
+    img = skdata.stereo_motorcycle()[0] if fn == "motorcycle" else getattr(skdata, fn)()
+    if img.ndim == 2:
+        img = np.stack([img] * 3, -1)
+    return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
+
+
+def photo_pool() -> dict[str, np.ndarray]:
+    """Every photo of :data:`PHOTOS`, loaded."""
+    return {n: load_photo(n) for n in PHOTOS}
 
 
 @dataclass(frozen=True)
@@ -241,17 +249,16 @@ def render_sequence(split: str, index: int, seed: int, config: SyntheticConfig =
     if split not in _SPLIT_STREAM:
         raise ValueError(f"tracking_synthetic split must be train, val or test, got {split!r}")
     rng = np.random.default_rng([seed, _SPLIT_STREAM[split], index, GENERATOR_VERSION])
-    pool = photo_pool()
     W, H = config.frame_size
     n = config.num_frames
     objects = OBJECT_PHOTOS[split]
     obj_name = objects[int(rng.integers(len(objects)))]
-    others = [k for k in pool if k != obj_name]
+    others = [k for k in PHOTOS if k != obj_name]
     bg_name = others[int(rng.integers(len(others)))]
     occ_name = [k for k in others if k != bg_name][int(rng.integers(len(others) - 1))]
 
     # background: the photo zoomed to cover 1.3x the frame, panned along a slow path (camera motion)
-    bg = pool[bg_name]
+    bg = load_photo(bg_name)
     zoom = 1.3 * max(W / bg.shape[1], H / bg.shape[0]) * rng.uniform(1.0, 1.5)
     bg = _resize(bg, int(np.ceil(bg.shape[1] * zoom)), int(np.ceil(bg.shape[0] * zoom)))
     slack = np.array([bg.shape[1] - W, bg.shape[0] - H], dtype=np.float64)
@@ -265,7 +272,7 @@ def render_sequence(split: str, index: int, seed: int, config: SyntheticConfig =
 
     # object: a textured crop; size per frame from an oscillating log-scale and a slowly drifting aspect
     aspect0 = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
-    patch0 = _textured_crop(pool[obj_name], aspect0, rng)
+    patch0 = _textured_crop(load_photo(obj_name), aspect0, rng)
     side0 = rng.uniform(*config.object_scale) * min(W, H)
     t = np.arange(n)
     log_s = config.scale_change * np.sin(2 * np.pi * t / rng.uniform(n * 0.6, n * 1.5) + rng.uniform(0, 2 * np.pi))
@@ -297,7 +304,7 @@ def render_sequence(split: str, index: int, seed: int, config: SyntheticConfig =
     occ_patch = None
     if rng.random() < config.occlusion_prob:
         a = float(np.exp(rng.uniform(np.log(0.4), np.log(2.5))))
-        occ_patch = _textured_crop(pool[occ_name], a, rng)
+        occ_patch = _textured_crop(load_photo(occ_name), a, rng)
         ow = int(max(ws.max(), 8) * rng.uniform(0.8, 1.6))
         oh = int(max(hs.max(), 8) * rng.uniform(0.8, 1.6))
         occ_patch = _resize(occ_patch, ow, oh)
@@ -537,5 +544,18 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["OBJECT_PHOTOS", "RenderedSequence", "SyntheticConfig", "bundled_videos", "cover_bin", "generate", "load_video", "montage", "photo_pool",
-           "render_sequence", "tracking_synthetic"]
+__all__ = [
+    "OBJECT_PHOTOS",
+    "PHOTOS",
+    "RenderedSequence",
+    "SyntheticConfig",
+    "bundled_videos",
+    "cover_bin",
+    "generate",
+    "load_photo",
+    "load_video",
+    "montage",
+    "photo_pool",
+    "render_sequence",
+    "tracking_synthetic",
+]
