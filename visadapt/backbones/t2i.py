@@ -605,9 +605,10 @@ def visadapt_t2i_base(model_dir: str | None = None, pretrained: bool = True, max
 
     A pixel-space diffusers ``UNet2DConditionModel`` (:data:`T2I_BASE_UNET_CONFIG`, ~2 M parameters) denoises the 2x
     space-to-depth rearrangement of the image (12 x 16 x 16), cross-attending to the 16 per-token states of the
-    frozen all-MiniLM-L6-v2 (384-d). It was trained by ``python -m visadapt fit -c tasks/t2i_base.yaml`` on
-    colourised Fashion-MNIST with captions such as "a photo of a red sneaker" (see the README part and
-    ``t2i_base.json`` next to the weights for provenance).
+    frozen all-MiniLM-L6-v2 (384-d). It is trained by ``python -m visadapt fit -c tasks/t2i_base.yaml`` on
+    colourised Fashion-MNIST with captions such as "a photo of a red sneaker"; ``t2i_base.json`` next to the weights
+    records the run (steps, time, prompt-following scores). No trained weights ship with the package yet: the one
+    measured run (200 steps on a loaded CPU) was far too short, so they come from the user's cache.
 
     Args:
         model_dir: Folder with ``unet/`` and ``t2i_base.json`` (as written by :func:`save_t2i_base`). Default: the
@@ -632,7 +633,7 @@ def visadapt_t2i_base(model_dir: str | None = None, pretrained: bool = True, max
     if found is None:
         raise UserError(
             f"the visadapt_t2i_base weights are not in {' nor '.join(str(d) for d in candidates)} (expected "
-            f"unet/ and {T2I_BASE_META}). Train them with `{T2I_BASE_TRAIN_COMMAND}` (CPU, about an hour) and copy "
+            f"unet/ and {T2I_BASE_META}). Train them with `{T2I_BASE_TRAIN_COMMAND}` (hours on a 2-core CPU; see the task file) and copy "
             f"the run's exported folder runs/t2i_base/version_N/{T2I_BASE_DIRNAME} to {candidates[0]}")
     meta = json.loads((found / T2I_BASE_META).read_text(encoding="utf-8"))
     unet = UNet2DConditionModel.from_pretrained(found / "unet", local_files_only=True, use_safetensors=True,

@@ -236,14 +236,16 @@ class TextToImageBase(AdapterModule):
         log_dir = Path(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         self.report["steps"] = steps
-        if not self.losses and (log_dir / "metrics.csv").is_file():  # a finished run's losses, from its CSV log
+        every_step = bool(self.losses)  # in-process: one loss per step; a stopped run has its CSV log only
+        if every_step:
+            self.report["final_loss_mean_last_100_steps"] = round(float(np.mean(self.losses[-100:])), 5)
+        elif (log_dir / "metrics.csv").is_file():  # the logged steps (every n-th); report.md plots them by step
             import csv
 
             with open(log_dir / "metrics.csv", newline="") as f:
-                self.losses = [float(r["train_loss"]) for r in csv.DictReader(f) if r.get("train_loss")]
-        tail = self.losses[-100:]
-        if tail:
-            self.report["final_loss_mean_last_100"] = round(float(np.mean(tail)), 5)
+                logged = [float(r["train_loss"]) for r in csv.DictReader(f) if r.get("train_loss")]
+            if logged:
+                self.report["final_loss_mean_last_10_logged"] = round(float(np.mean(logged[-10:])), 5)
         images, prompts, scores = self.samples_and_scores()
         self.report["eval"] = {"prompts": len(prompts), "seeds_per_prompt": self.eval_seeds,
                                "steps": self.eval_steps, "guidance_scale": self.guidance_scale, **scores}
@@ -251,7 +253,7 @@ class TextToImageBase(AdapterModule):
         fig = image_grid(images, len(prompts), prompts)
         fig.savefig(log_dir / "samples.png", dpi=100)
         plt.close(fig)
-        if self.losses:
+        if every_step:
             self._loss_plot(log_dir / "loss.png")
         meta = {"version": "v1", "identity": "visadapt_t2i_base:v1", "trained_steps": steps,
                 "train_seconds": self.report.get("train_seconds"), "batch_size": batch_size,
