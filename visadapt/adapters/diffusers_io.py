@@ -38,7 +38,7 @@ def _split_key(key: str) -> tuple[str, str, str]:
     proc = _PROCESSOR.fullmatch(key)
     if proc is not None:  # the attention-processor layout of older diffusers (UNet keys without prefix)
         module, proj, kind = proc.groups()
-        module = module[len("unet."):] if module.startswith("unet.") else module
+        module = module.removeprefix("unet.")
         return "unet", f"{module}.{'to_out.0' if proj == 'to_out' else proj}", "A" if kind == "down" else "B"
     component, _, rest = key.partition(".")
     if component not in DIFFUSERS_COMPONENTS:

@@ -294,5 +294,14 @@ class DreamBoothDataModule(pl.LightningDataModule):
                           num_workers=self.num_workers)
 
 
-__all__ = ["DreamBoothDataModule", "PairedPrompts", "SubjectImages", "paint_subject", "dreambooth",
-           "dreambooth_transform", "fashion_subject", "read_classes_file", "subject_variations"]
+__all__ = [
+    "DreamBoothDataModule",
+    "PairedPrompts",
+    "SubjectImages",
+    "dreambooth",
+    "dreambooth_transform",
+    "fashion_subject",
+    "paint_subject",
+    "read_classes_file",
+    "subject_variations",
+]

@@ -170,7 +170,7 @@ class DecorProjection:
 
     @property
     def rank(self) -> int:
-        return int(round(float(torch.trace(self.token_projector))))
+        return round(float(torch.trace(self.token_projector)))
 
     def apply(self, embeds: dict[str, Any], alpha: float | None = None, negative: bool = False) -> dict[str, Any]:
         """A copy of an ``encode_prompt`` dict with ``prompt_embeds`` (and ``pooled`` if asked) projected.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -329,7 +330,7 @@ def _load_cell(path: Path) -> tuple[np.ndarray, dict[str, float]] | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             return z["images"], json.loads(str(z["scores"]))
-    except Exception:  # a damaged cell file (disk full, foreign file) is regenerated, never trusted
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # a damaged cell is regenerated
         return None
 
 
