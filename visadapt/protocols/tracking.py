@@ -107,7 +107,7 @@ class LoRATTracker:
         self.state: np.ndarray | None = None
 
     def _tensor(self, crop: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(crop)).to(self.device).permute(2, 0, 1)[None].float()
+        x = torch.from_numpy(np.array(crop, copy=True)).to(self.device).permute(2, 0, 1)[None].float()
         return (x - self.mean) / self.std
 
     @torch.no_grad()
