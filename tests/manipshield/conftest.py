@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-TRAIN_STEPS = 36
+TRAIN_EPOCHS = 7
+"""Whole epochs (5 batches each): the last checkpoint then holds the final weights."""
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +57,7 @@ def trained(tmp_path_factory, gen_root):
     model = ManipShield(backbone="tiny_vlm", vision_adapter=LoRAConfig(target="tiny_conv_1x1", r=4, alpha=4.0),
                         lds_at_step=12, lds_probe_images=16, explain_eval_images=4, max_new_tokens=24,
                         eval_ela=True, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
-    trainer = pl.Trainer(max_steps=TRAIN_STEPS, accelerator="cpu", devices=1, num_sanity_val_steps=0,
+    trainer = pl.Trainer(max_epochs=TRAIN_EPOCHS, accelerator="cpu", devices=1, num_sanity_val_steps=0,
                          log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
                          logger=CSVLogger(out, name="manipshield"), check_val_every_n_epoch=1000,
                          callbacks=[ModelCheckpoint(save_last=True)])

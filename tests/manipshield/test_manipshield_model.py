@@ -72,7 +72,7 @@ def test_lda_separation_equals_direct_formula():
     m0, m1 = xs[y == 0].mean(0), xs[y == 1].mean(0)
     c = np.concatenate([xs[y == 0] - m0, xs[y == 1] - m1])
     sw = c.T @ c / (len(x) - 2)
-    sw_shrunk = sw + 0.1 * np.trace(sw) / 6 * np.eye(6)
+    sw_shrunk = sw + (0.1 * np.trace(sw) / 6 + 1e-6) * np.eye(6)
     expected = (m1 - m0) @ np.linalg.solve(sw_shrunk, m1 - m0)
     assert lda_separation(torch.tensor(x), torch.tensor(y), 0.1) == pytest.approx(expected, rel=1e-9)
 

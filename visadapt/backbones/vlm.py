@@ -223,8 +223,10 @@ class AssembledVLM(VisionLanguageModel):
         cfg = language_model.config
         self.hidden_size, self.num_layers, self.grid = cfg.n_embd, cfg.n_layer, grid
         self.num_visual_tokens = grid * grid
-        self.projector = nn.Sequential(nn.Linear(vision.channels, cfg.n_embd), nn.GELU(),
-                                       nn.Linear(cfg.n_embd, cfg.n_embd))
+        # LayerNorm first: a CNN's pooled features are unnormalised and dominated by an image-independent part
+        # (CLIP-style towers end with their own LayerNorm, e.g. ln_post / post_layernorm)
+        self.projector = nn.Sequential(nn.LayerNorm(vision.channels), nn.Linear(vision.channels, cfg.n_embd),
+                                       nn.GELU(), nn.Linear(cfg.n_embd, cfg.n_embd))
 
     def visual_tokens(self, images: torch.Tensor) -> torch.Tensor:
         fmap = F.adaptive_avg_pool2d(self.vision(images), self.grid)
@@ -367,12 +369,19 @@ class HFLlavaVLM(VisionLanguageModel):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
-        self.vision = model.model.vision_tower
-        self.language_model = model.model.language_model
         self.hidden_size = cfg.text_config.hidden_size
         self.num_layers = cfg.text_config.num_hidden_layers
         self.num_visual_tokens = int(cfg.image_seq_length)
         self.image_token_id = int(cfg.image_token_id if hasattr(cfg, "image_token_id") else cfg.image_token_index)
+
+    # properties, not sub-modules: every module keeps the one name transformers gives it (``model.model...``)
+    @property
+    def vision(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
 
     def forward(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor | None = None
                 ) -> VLMOutput:
@@ -414,8 +423,6 @@ class HFQwen2VLVLM(VisionLanguageModel):
         cfg = model.config
         vc = cfg.vision_config
         text_cfg = getattr(cfg, "text_config", cfg)
-        self.vision = model.model.visual
-        self.language_model = model.model.language_model
         self.hidden_size, self.num_layers = text_cfg.hidden_size, text_cfg.num_hidden_layers
         self.patch, self.temporal, self.merge = vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size
         g = image_size // self.patch
@@ -423,6 +430,14 @@ class HFQwen2VLVLM(VisionLanguageModel):
         self.num_visual_tokens = g * g // (self.merge ** 2)
         self.image_token_id, self.start_id, self.end_id = (cfg.image_token_id, cfg.vision_start_token_id,
                                                            cfg.vision_end_token_id)
+
+    @property
+    def vision(self) -> nn.Module:
+        return self.model.model.visual
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
 
     def forward(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor | None = None
                 ) -> VLMOutput:
@@ -470,18 +485,19 @@ def hf_vlm(model_dir: str, image_size: int | None = None, dtype: str = "float32"
         model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
         size = image_size or int(cfg.vision_config.image_size)
         vlm: VisionLanguageModel = HFLlavaVLM(model.eval(), tokenizer)
-        vision_target = r"vision\.(.*\.)?(q_proj|v_proj)"
+        vision_target = r"model\.model\.vision_tower\..*\.(q_proj|v_proj)"
     elif cfg.model_type == "qwen2_vl":
         from transformers import Qwen2VLForConditionalGeneration
 
         model = Qwen2VLForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
         size = image_size or 448
         vlm = HFQwen2VLVLM(model.eval(), tokenizer, size)
-        vision_target = r"vision\.blocks\.\d+\.attn\.qkv[q,v]"
+        vision_target = r"model\.model\.visual\.blocks\.\d+\.attn\.qkv[q,v]"
     else:
         raise ValueError(f"hf_vlm: {path}/config.json has model_type {cfg.model_type!r}; supported: llava, qwen2_vl")
     return Backbone(model=vlm, family="hf", identity=f"hf_vlm:{cfg.model_type}:{path.name}",
-                    target_presets={"vision_attn_qv": vision_target},
+                    target_presets={"vision_attn_qv": vision_target,
+                                    "lm_attn_qv": r"model\.model\.language_model\..*\.(q_proj|v_proj)"},
                     preprocess=Preprocess(image_size=size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD),
                     extra={"vision_target_default": "vision_attn_qv"})
 

@@ -100,7 +100,7 @@ def lda_separation(features: torch.Tensor, labels: torch.Tensor, shrinkage: floa
     """Closed-form two-class LDA separation ``d^T (S_w + lambda I)^-1 d`` of standardised ``features`` ``(N, D)``.
 
     ``d`` is the difference of the class means, ``S_w`` the pooled within-class covariance and ``lambda`` =
-    ``shrinkage`` x its mean eigenvalue (trace / D), which keeps the inverse stable when ``N < D``.
+    ``shrinkage`` x its mean eigenvalue (trace / D) + 1e-6, which keeps the inverse stable when ``N < D``.
     """
     x = features.double()
     x = (x - x.mean(0)) / x.std(0).clamp_min(1e-8)
@@ -110,7 +110,7 @@ def lda_separation(features: torch.Tensor, labels: torch.Tensor, shrinkage: floa
     m0, m1 = x[~y].mean(0), x[y].mean(0)
     xc = torch.cat([x[~y] - m0, x[y] - m1])
     sw = xc.t() @ xc / max(len(x) - 2, 1)
-    lam = shrinkage * torch.trace(sw) / sw.shape[0]
+    lam = shrinkage * torch.trace(sw) / sw.shape[0] + 1e-6  # + eps: a probe of one image per class has S_w = 0
     d = m1 - m0
     return float(d @ torch.linalg.solve(sw + lam * torch.eye(len(d), dtype=x.dtype), d))
 
@@ -133,7 +133,9 @@ def generalized_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
+    """A decoder: BatchNorm over the batch first (language-model states carry a large image-independent part that
+    would otherwise drown the differences between images), then a two-layer MLP."""
+    return nn.Sequential(nn.BatchNorm1d(d_in), nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
 
 
 def config_to_dict(config: AdapterConfig | None) -> dict[str, Any] | None:
@@ -464,7 +466,9 @@ class ManipShield(AdapterModule):
         return layer
 
     def extra_state_keys(self) -> set[str]:
-        return {"lds_layer_selected"}
+        """The LDS choice and the decoders' BatchNorm statistics (buffers, so not in the trainable parameters)."""
+        heads = ("contrastive_head", "detection_head", "cue_head", "box_head")
+        return {"lds_layer_selected"} | {k for k, _ in self.named_buffers() if k.split(".")[0] in heads}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
