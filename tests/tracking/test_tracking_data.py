@@ -352,3 +352,14 @@ def _mask(seq, k: int) -> np.ndarray:
     x, y, w, h = seq.object_rects[k].astype(int)
     m[max(y, 0):max(y + h, 0), max(x, 0):max(x + w, 0)] = False
     return m
+
+
+def test_an_occluder_sweep_longer_than_a_short_sequence_is_cut():
+    # a sweep lasts 12-24 frames; on 8-frame sequences its middle frame used to index past the end
+    import dataclasses
+
+    short = dataclasses.replace(TINY, num_frames=8, occlusion_prob=1.0, out_of_view_prob=0.0)
+    for index in range(4):
+        seq = render_sequence("train", index, seed=3, config=short)
+        assert len(seq.frames) == 8 and seq.boxes.shape == (8, 4)
+        assert (seq.occluder_rects[:, 2] > 0).any()  # the sweep happened
