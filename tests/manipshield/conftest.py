@@ -60,7 +60,7 @@ def trained(tmp_path_factory, gen_root):
     trainer = pl.Trainer(max_epochs=TRAIN_EPOCHS, accelerator="cpu", devices=1, num_sanity_val_steps=0,
                          log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
                          logger=CSVLogger(out, name="manipshield"), check_val_every_n_epoch=1000,
-                         callbacks=[ModelCheckpoint(save_last=True)])
+                         callbacks=[ModelCheckpoint(save_last=True, save_on_train_epoch_end=True)])
     trainer.fit(model, dm)
     torch.set_num_threads(before)
     log_dir = Path(trainer.log_dir)
