@@ -335,7 +335,10 @@ def manipshield_vlm(tokenizer_texts: list[str] | None = None, tokenizer_json: st
     else:
         import timm
 
-        tower = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):  # the frozen tower is not in checkpoints
+            if seed is not None:
+                torch.manual_seed(seed + 2)
+            tower = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     vlm = _assembled(_EffNetTower(tower), tokenizer_texts, tokenizer_json, vocab_size, width, layers, heads,
                      max_positions, grid, seed)
     return Backbone(model=vlm, family="vlm",
@@ -351,7 +354,11 @@ def tiny_vlm(tokenizer_texts: list[str] | None = None, tokenizer_json: str | Non
              width: int = 32, layers: int = 3, heads: int = 2, max_positions: int = 128, grid: int = 2,
              image_size: int = 32, seed: int | None = 0) -> Backbone:
     """A tiny random LLaVA-form VLM (two-stage CNN -> MLP -> GPT-2 of width 32) with a BPE tokenizer, for tests."""
-    vlm = _assembled(_TinyCNN(), tokenizer_texts, tokenizer_json, vocab_size, width, layers, heads, max_positions,
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):  # the frozen CNN is not in checkpoints
+        if seed is not None:
+            torch.manual_seed(seed + 2)
+        cnn = _TinyCNN()
+    vlm = _assembled(cnn, tokenizer_texts, tokenizer_json, vocab_size, width, layers, heads, max_positions,
                      grid, seed)
     return Backbone(model=vlm, family="vlm", identity=f"tiny_vlm:{layers}x{width}:vocab{len(vlm.tokenizer)}",
                     target_presets={"tiny_conv_1x1": VISION_PRESETS["tiny_conv_1x1"]},
