@@ -214,3 +214,12 @@ def test_tiny_backbone_position_grid_is_a_fixed_sincos_grid(model):
     for i, j in ((0, 0), (3, 5), (7, 2)):
         expected = torch.cat([torch.sin(j * w), torch.cos(j * w), torch.sin(i * w), torch.cos(i * w)])
         torch.testing.assert_close(grid[i, j], expected, atol=1e-6, rtol=0)
+
+
+def test_configure_optimizers_applies_the_layer_decay_to_the_rates():
+    m = LoRAT(backbone="tiny_tracking_vit", template_size=48, search_size=96, finetune=True, layer_decay=0.7,
+              schedule="constant", warmup_steps=0)
+    opt = m.configure_optimizers()  # the shared AdapterModule mechanism scales each group's rate by its lr_scale
+    base = opt.defaults["lr"]
+    assert {round(g["lr"] / base, 9) for g in opt.param_groups} == {round(g["lr_scale"], 9) for g in opt.param_groups}
+    assert min(g["lr"] for g in opt.param_groups) == pytest.approx(base * 0.7 ** 5)

@@ -160,6 +160,8 @@ class AdapterModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_fn(self.param_groups())
+        for group in optimizer.param_groups:  # a group may carry a scale of the base rate (layer-wise lr decay)
+            group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
         if self.lr_scheduler_fn is not None:
             return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_fn(optimizer)}
         if self.schedule == "constant" and self.warmup_steps == 0:

@@ -378,21 +378,6 @@ class LoRAT(AdapterModule):
             out.append(group)
         return out
 
-    def configure_optimizers(self) -> Any:
-        make = self.optimizer_fn
-
-        def scaled(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-            opt = make(groups)
-            for g in opt.param_groups:
-                g["lr"] = g["lr"] * g.get("lr_scale", 1.0)
-            return opt
-
-        self.optimizer_fn = scaled
-        try:
-            return super().configure_optimizers()
-        finally:
-            self.optimizer_fn = make
-
     # -- bookkeeping -------------------------------------------------------------------------------------------------
     def trainable_counts(self) -> dict[str, int]:
         """Trainable parameter counts: adapters, head, type embeddings, and the total."""
