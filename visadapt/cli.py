@@ -402,6 +402,7 @@ def _list(argv: list[str]) -> int:
     from visadapt.adapters import ADAPTERS, INITIALISERS, OPTIMISERS, REGULARISERS, SCHEDULES
     from visadapt.backbones import BACKBONES
     from visadapt.data import DATASETS
+    from visadapt.methods import companions  # noqa: F401  (registers the training-time companions)
 
     what = argv[0] if argv else "all"
     kinds = {"adapters": [ADAPTERS, INITIALISERS, OPTIMISERS, REGULARISERS, SCHEDULES], "datasets": [DATASETS],

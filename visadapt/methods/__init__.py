@@ -1,5 +1,6 @@
 """One LightningModule per method family; importing this package makes short ``class_path`` names resolve."""
 
+from visadapt.methods import companions  # noqa: F401  (fills the companion registries)
 from visadapt.methods.base import AdapterModule, MissingCheckpointKeysError
 from visadapt.methods.clip_fewshot import ClipFewShot
 from visadapt.methods.decor import DreamBoothLoRA
