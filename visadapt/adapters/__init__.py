@@ -48,6 +48,7 @@ from visadapt.adapters.lamda import LaMDA, LaMDAConfig
 from visadapt.adapters.lofit import LoFiT, LoFiTConfig
 from visadapt.adapters.loldu import LoLDU, LoLDUConfig
 from visadapt.adapters.lora import LoRA, LoRAConfig
+from visadapt.adapters.lora_sb import LoRASB, LoRASBConfig
 from visadapt.adapters.nlora import NLoRA, NLoRAConfig
 from visadapt.adapters.mixlora import MixLoRA, MixLoRAConfig
 from visadapt.adapters.randlora import RandLoRA, RandLoRAConfig
@@ -77,6 +78,8 @@ __all__ = [
     "LoLDUConfig",
     "LoRA",
     "LoRAConfig",
+    "LoRASB",
+    "LoRASBConfig",
     "NLoRA",
     "NLoRAConfig",
     "MixLoRA",
