@@ -27,7 +27,8 @@ def _lora(frag: str, **kw) -> list[str]:
 
 
 def _glad(rho: float, rule: str = "project", alpha: float = 0.0) -> list[str]:
-    return [*_lora("lora"), f"--model.init_args.glad={{rho: {rho}, rule: {rule}, alpha: {alpha}}}"]
+    glad = f"{{class_path: visadapt.methods.companions.glad.Glad, init_args: {{rho: {rho}, rule: {rule}, alpha: {alpha}}}}}"
+    return [*_lora("lora"), f"--trainer.callbacks=[{glad}]"]  # the GLAD companion callback
 
 
 # method -> {candidate label: extra fit arguments}

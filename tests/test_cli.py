@@ -32,7 +32,6 @@ def test_fit_help_shows_model_docstrings(capsys):
         cli_main(["fit", "--model.help", "ClipFewShot"])
     out = capsys.readouterr().out
     assert "Registered dual-encoder backbone" in out  # from the Args section of ClipFewShot
-    assert "--model.glad" in out
 
 
 def test_list_datasets_and_tasks(capsys):

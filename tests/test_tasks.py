@@ -73,8 +73,11 @@ def test_method_fragments_run_on_the_main_task(frag, tmp_path):
     assert cli.model.adapter_cfg.r == init["adapter"]["init_args"]["r"]
     lr = init.get("optimizer", {}).get("init_args", {}).get("lr", 1e-3)  # the task's lr unless the fragment sets one
     assert cli.trainer.optimizers[0].defaults["lr"] == pytest.approx(lr)
-    if "glad" in init:
-        assert cli.model.glad.rho == init["glad"]["rho"] and not cli.model.automatic_optimization
+    for spec in (yaml.safe_load(frag.read_text()).get("trainer") or {}).get("callbacks", []):  # e.g. GLAD's
+        found = [c for c in cli.trainer.callbacks if type(c).__name__ == spec["class_path"].rsplit(".", 1)[1]]
+        assert found, spec["class_path"]
+        if "rho" in spec.get("init_args", {}):
+            assert found[0].config.rho == spec["init_args"]["rho"] and cli.model.automatic_optimization
 
 
 def test_main_task_under_ddp_on_two_cpu_processes(tmp_path):

@@ -37,7 +37,6 @@ from visadapt.adapters import AdapterConfig, adapter_layers, disable_adapters, i
 from visadapt.backbones import Backbone, DualEncoder, build_backbone, to_device
 from visadapt.data.datamodule import FewShotData
 from visadapt.methods.base import AdapterModule, PlainKwargs
-from visadapt.methods.glad import GladConfig, combine, cosine, perturbation
 from visadapt.metrics import top1
 from visadapt.report import write_report
 
@@ -76,7 +75,6 @@ class ClipFewShot(AdapterModule):
         logit_scale: Temperature; ``None`` uses the backbone's own (100 for CLIP).
         label_smoothing: Label smoothing of the cross-entropy.
         eval_baselines: Measure zero-shot and class-mean accuracy at the start of fit.
-        glad: Train with GLAD's SAM-referenced gradient rule (two passes per step); ``None`` = plain gradient.
         optimizer: Optimiser over trainable parameters.
         lr_scheduler: Scheduler; ``None`` uses the built-in cosine schedule.
         schedule: Built-in schedule (``cosine`` or ``constant``).
@@ -96,7 +94,6 @@ class ClipFewShot(AdapterModule):
         logit_scale: float | None = None,
         label_smoothing: float = 0.0,
         eval_baselines: bool = True,
-        glad: GladConfig | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         schedule: str = "cosine",
@@ -108,10 +105,9 @@ class ClipFewShot(AdapterModule):
         if iters_per_shot is not None and iters_per_shot < 1:
             raise ValueError(f"model.iters_per_shot must be >= 1 (or null), got {iters_per_shot}")
         self.iters_per_shot = iters_per_shot
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "adapter", "glad"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "adapter"])
         # configs as plain class_path/init_args dicts: checkpoints stay loadable with weights_only=True
         self.hparams["adapter"] = config_to_dict(adapter)
-        self.hparams["glad"] = None if glad is None else asdict(glad)
         bb: Backbone = build_backbone(backbone, **(backbone_kwargs or {}))
         if not isinstance(bb.model, DualEncoder):
             raise TypeError(f"backbone {backbone!r} is not a dual encoder (it builds {type(bb.model).__name__})")
@@ -128,9 +124,6 @@ class ClipFewShot(AdapterModule):
         self.scale = float(logit_scale if logit_scale is not None else self.model.logit_scale)
         self.label_smoothing = label_smoothing
         self.eval_baselines = eval_baselines
-        self.glad = glad
-        if glad is not None:
-            self.automatic_optimization = False  # two passes per step, combined by hand
         self.report: dict[str, Any] = {"backbone": bb.identity}
         self._text_cache: dict[tuple, torch.Tensor] = {}
         self._text_adapted: bool | None = None
@@ -188,7 +181,7 @@ class ClipFewShot(AdapterModule):
         if self._text_adapted is None:
             if any(not layer.enabled for _, layer in adapter_layers(self.model)):
                 raise RuntimeError("text_tower_trains() must first be probed with the adapters enabled")
-            # forked RNG: the probe must not shift the dropout masks of the passes that follow (GLAD)
+            # forked RNG: the probe must not shift the dropout masks of the passes that follow (the GLAD companion)
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.enable_grad(), torch.random.fork_rng(devices=devices):
                 probe = self.model.encode_text(to_device(self.model.tokenize(["a"]), self.device))
@@ -207,46 +200,9 @@ class ClipFewShot(AdapterModule):
         return loss if extra is None else loss + extra
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        if self.glad is not None:
-            return self.glad_step(batch)
         loss = self.loss_on(batch)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["label"]))
         return loss
-
-    def glad_step(self, batch: dict[str, Any]) -> torch.Tensor:
-        """One GLAD update: plain pass, SAM pass at ``theta + rho g/|g|`` on the same batch and dropout mask."""
-        opt = self.optimizers()
-        params = [p for p in self.parameters() if p.requires_grad]
-        cpu_rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        opt.zero_grad()
-        loss = self.loss_on(batch)
-        self.manual_backward(loss)
-        g = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
-        eps = perturbation(g, self.glad.rho)
-        with torch.no_grad():
-            for p, e in zip(params, eps):
-                p.add_(e)
-        opt.zero_grad()
-        torch.set_rng_state(cpu_rng)  # the second pass draws the same dropout mask
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-        loss_sam = self.loss_on(batch)
-        self.manual_backward(loss_sam)
-        g_sam = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
-        with torch.no_grad():
-            for p, e in zip(params, eps):
-                p.sub_(e)
-            for p, d in zip(params, combine(g, g_sam, self.glad.rule, self.glad.alpha, self.glad.granularity)):
-                p.grad = d
-        opt.step()
-        sched = self.lr_schedulers()
-        if sched is not None:
-            sched.step()
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["label"]))
-        self.log("train_loss_sam", loss_sam, batch_size=len(batch["label"]))
-        self.log("glad_cos", cosine(g, g_sam), batch_size=len(batch["label"]))
-        return loss.detach()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         text = self.text_features(self.datamodule.subset_classnames(self.datamodule.train_classes))
