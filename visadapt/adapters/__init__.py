@@ -23,7 +23,7 @@ from visadapt.adapters._registry import (
     register_adapter,
     variant_name,
 )
-from visadapt.adapters.base import Adapter, AdapterConfig, AdapterLayer
+from visadapt.adapters.base import Adapter, AdapterConfig, AdapterLayer, cast_frozen_base
 from visadapt.adapters.block_lora import BlockLoRA, BlockLoRAConfig
 from visadapt.adapters.comp_lora import CompLoRA, CompLoRAConfig
 from visadapt.adapters.inject import (
@@ -92,6 +92,7 @@ __all__ = [
     "adapter_layers",
     "adapter_names",
     "adapter_state_dict",
+    "cast_frozen_base",
     "count_parameters",
     "disable_adapters",
     "export_diffusers",

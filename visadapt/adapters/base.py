@@ -27,6 +27,8 @@ from visadapt.adapters.targets import parse_target
 ADAPTER_CONTAINER = "adapters"
 """Attribute of :class:`AdapterLayer` that holds the adapters: every adapter parameter name contains it."""
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
 DEFAULT_TARGET = r".*\.(qkv|q_proj|k_proj|v_proj|query|key|value|to_q|to_k|to_v)"
 
 
@@ -132,6 +134,9 @@ class AdapterLayer(nn.Module):
         self.merged: dict[str, float] = {}
         """Adapter name -> weight of the adapters currently merged into the base weight."""
         self.enabled = True
+        self._premerge: tuple[Tensor, Tensor | None, int] | None = None
+        """A low-precision base's weight and bias before the first merge, and the weight's version counter after
+        the last merge: :meth:`unmerge` restores them bit for bit (see :meth:`merge`)."""
 
     def __getattr__(self, name: str):
         try:
@@ -200,28 +205,46 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add the active adapters (with their weights) into the base weight; a no-op when already merged."""
+        """Add the active adapters (with their weights) into the base weight; a no-op when already merged.
+
+        The update is summed in float32 and added to the base in float32, then rounded to the base's dtype once, so
+        a bf16 / fp16 base holds the correctly rounded ``W + delta``. Such a base also keeps its pre-merge weight
+        (and bias) aside, for :meth:`unmerge` to restore exactly: subtracting the delta again would leave the
+        rounding of both steps in the weight (about 2^-8 relative in bf16) and drift with every merge cycle.
+        """
         todo = {n: c for n, c in self.active.items() if n not in self.merged}
         if not todo:
             return
         w = self.base_weight
         delta, bias = self._delta2d(todo).view_as(w), self._delta_bias(todo)
+        b = getattr(self.base_layer, "bias", None)
+        if not self.merged and w.dtype in _LOW_PRECISION:
+            self._premerge = (w.detach().clone(), None if b is None else b.detach().clone(), -1)
         w.copy_((w.float() + delta).to(w.dtype))
         if bias is not None:
-            b = self.base_layer.bias
             b.copy_((b.float() + bias).to(b.dtype))
+        if self._premerge is not None:
+            self._premerge = (*self._premerge[:2], w._version)
         self.merged.update(todo)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract what :meth:`merge` added; a no-op when nothing is merged.
 
-        The base weight comes back to within floating-point rounding of its value before the merge (the
-        subtraction is done in float32, so an fp32 weight is restored to a few ulp).
+        A float32 base is restored by a float32 subtraction, to within a few ulp of its value before the merge. A
+        bf16 / fp16 base gets its pre-merge tensors back bit for bit, unless the weight was written since the merge
+        (its version counter moved): then the delta is subtracted in float32 and rounded once.
         """
         if not self.merged:
             return
         w = self.base_weight
+        saved, self._premerge = self._premerge, None
+        if saved is not None and saved[2] == w._version:
+            w.copy_(saved[0])
+            if saved[1] is not None:
+                self.base_layer.bias.copy_(saved[1])
+            self.merged = {}
+            return
         bias = self._delta_bias(self.merged)
         w.copy_((w.float() - self._delta2d(self.merged).view_as(w)).to(w.dtype))
         if bias is not None:
@@ -403,3 +426,56 @@ def init_down_projection(a: Tensor, init: str, rank: int) -> None:
             nn.init.normal_(a, std=1.0 / rank)
         else:
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
+
+
+# --- frozen low-precision base ---------------------------------------------------------------------------------------
+
+_CAST_KINDS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def cast_frozen_base(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """Store the frozen matmul weights of ``model`` in ``dtype``; adapters, heads and every trained tensor stay fp32.
+
+    Cast: the weight and bias of every ``nn.Linear`` / ``nn.Conv{1,2,3}d`` (the base layers inside adapter layers
+    included) none of whose own parameters requires grad. Left alone: modules with a trainable parameter, norms,
+    embeddings, adapters, buffers, and the ``out_proj`` of an ``nn.MultiheadAttention`` (which reads its weight
+    directly rather than calling the module). The weights take half the memory, and under bf16 autocast the frozen
+    weights are no longer cast again on every forward (autocast caches only the casts of trainable leaves).
+
+    Outside autocast (evaluation passes a method runs in its own hooks, a script) a cast module still accepts
+    float32 inputs: a forward pre-hook casts the input to ``dtype`` and a forward hook casts the output back, so the
+    module computes in ``dtype`` and what follows sees its usual dtype. Returns the names of the cast modules.
+    """
+    if dtype not in _LOW_PRECISION:
+        raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+    skip = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    names = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if (not isinstance(module, _CAST_KINDS) or id(module) in skip or not own or any(p.requires_grad for p in own)
+                or getattr(module, "_visadapt_cast", None) is not None):
+            continue
+        for p in own:
+            p.data = p.data.to(dtype)
+        module._visadapt_cast = dtype
+        module.register_forward_pre_hook(_cast_input)
+        module.register_forward_hook(_cast_output_back)
+        names.append(name)
+    return names
+
+
+def _cast_input(module: nn.Module, args: tuple) -> tuple | None:
+    x = args[0] if args else None
+    if not torch.is_tensor(x) or x.dtype == module._visadapt_cast or not x.is_floating_point():
+        module._visadapt_out = None
+        return None
+    if torch.is_autocast_enabled(x.device.type):  # autocast casts the matmul's operands itself
+        module._visadapt_out = None
+        return None
+    module._visadapt_out = x.dtype
+    return (x.to(module._visadapt_cast), *args[1:])
+
+
+def _cast_output_back(module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
+    dtype, module._visadapt_out = module._visadapt_out, None
+    return out.to(dtype) if dtype is not None and torch.is_tensor(out) else None
