@@ -148,6 +148,7 @@ class TextToImageBase(AdapterModule):
 
     @torch.no_grad()
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)  # the adapter companions (SCHEDULES), if any
         if self.ema_unet is None:
             return
         step = self.global_step
