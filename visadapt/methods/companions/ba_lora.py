@@ -114,6 +114,8 @@ class BaLora(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        if self._hook is not None:  # a step that never reached backward
+            self._hook.remove()
         self._seen = None
 
         def keep(mod: Any, args: Any, kwargs: Any, out: Any) -> None:
