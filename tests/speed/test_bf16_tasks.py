@@ -13,6 +13,8 @@ from visadapt.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[2]
 BF16 = str(ROOT / "configs" / "trainer" / "bf16.yaml")
+BF16_BASE = str(ROOT / "configs" / "trainer" / "bf16_base.yaml")
+"""The main task runs with the frozen base stored in bf16 as well (a superset of bf16.yaml: autocast plus the cast)."""
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +51,8 @@ def dtypes(monkeypatch):
 
 
 def _fit(task: str, tmp_path: Path, *extra: str):
-    return cli_main(["fit", "-c", str(ROOT / "tasks" / f"{task}.yaml"), "--trainer", BF16, "--trainer.fast_dev_run=1",
+    fragment = BF16_BASE if task == "clip_fewshot" else BF16
+    return cli_main(["fit", "-c", str(ROOT / "tasks" / f"{task}.yaml"), "--trainer", fragment, "--trainer.fast_dev_run=1",
                      "--trainer.accelerator=cpu", f"--trainer.logger.init_args.save_dir={tmp_path}",
                      f"--trainer.default_root_dir={tmp_path}", *extra])
 
@@ -89,6 +92,12 @@ def test_task_trains_a_step_under_bf16_mixed(task, tmp_path, monkeypatch, dtypes
     assert dtypes["linear"] == {torch.bfloat16} and dtypes["adapter"] <= {torch.bfloat16}, dtypes
     assert dtypes["adapter"] or task == "t2i_base"
     assert all(p.dtype == torch.float32 for p in cli.model.parameters() if p.requires_grad)  # fp32 master weights
+    if task == "clip_fewshot":  # frozen matmul weights in bf16, the adapters fp32; the fp32 feature passes ran too
+        cast = cli.model.report["frozen_base_dtype"]
+        assert cast["dtype"] == "bfloat16" and cast["modules"] > 50
+        frozen = [p for n, p in cli.model.named_parameters() if n.endswith(".base_layer.weight")]
+        assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+        assert "zeroshot" in cli.model.report and "adapted" in cli.model.report
     losses = {k: v for k, v in cli.trainer.callback_metrics.items() if "loss" in k}
     assert losses and all(torch.isfinite(v).all() for v in losses.values()), losses
 

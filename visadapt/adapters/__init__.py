@@ -23,7 +23,13 @@ from visadapt.adapters._registry import (
     register_adapter,
     variant_name,
 )
-from visadapt.adapters.base import Adapter, AdapterConfig, AdapterLayer, cast_frozen_base
+from visadapt.adapters.base import (
+    Adapter,
+    AdapterConfig,
+    AdapterLayer,
+    cast_frozen_base,
+    upcast_trainable,
+)
 from visadapt.adapters.block_lora import BlockLoRA, BlockLoRAConfig
 from visadapt.adapters.comp_lora import CompLoRA, CompLoRAConfig
 from visadapt.adapters.inject import (
@@ -111,5 +117,6 @@ __all__ = [
     "set_active_adapter",
     "set_adapters_enabled",
     "unmerge_adapters",
+    "upcast_trainable",
     "variant_name",
 ]

@@ -457,16 +457,36 @@ def cast_frozen_base(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> l
             continue
         for p in own:
             p.data = p.data.to(dtype)
+        hooked = hasattr(module, "_visadapt_cast")  # cast before, then upcast: the hooks are still there
         module._visadapt_cast = dtype
-        module.register_forward_pre_hook(_cast_input)
-        module.register_forward_hook(_cast_output_back)
+        if not hooked:
+            module.register_forward_pre_hook(_cast_input)
+            module.register_forward_hook(_cast_output_back)
         names.append(name)
+    return names
+
+
+def upcast_trainable(model: nn.Module) -> list[str]:
+    """Undo :func:`cast_frozen_base` on the modules that have since become trainable (a method that unfreezes layers
+    mid-run): their parameters go back to float32, in place (same ``Parameter`` objects, so an optimiser holding
+    them keeps working), and their hooks stop casting. Their values keep the bf16 rounding. Returns their names."""
+    names = []
+    for name, module in model.named_modules():
+        if getattr(module, "_visadapt_cast", None) is None:
+            continue
+        own = list(module.parameters(recurse=False))
+        if any(p.requires_grad for p in own):
+            for p in own:
+                p.data = p.data.float()
+            module._visadapt_cast = None
+            names.append(name)
     return names
 
 
 def _cast_input(module: nn.Module, args: tuple) -> tuple | None:
     x = args[0] if args else None
-    if not torch.is_tensor(x) or x.dtype == module._visadapt_cast or not x.is_floating_point():
+    cast = module._visadapt_cast
+    if cast is None or not torch.is_tensor(x) or x.dtype == cast or not x.is_floating_point():
         module._visadapt_out = None
         return None
     if torch.is_autocast_enabled(x.device.type):  # autocast casts the matmul's operands itself
