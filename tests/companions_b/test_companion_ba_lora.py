@@ -10,8 +10,7 @@ from torch import nn
 
 from visadapt.adapters import REGULARISERS, LoRAConfig, adapter_layers, disable_adapters, inject
 from visadapt.methods import AdapterModule
-from visadapt.methods.companions.ba_lora import (BaLora, consistency, consistency_nlg, diversity, diversity_nlg,
-                                                 svd_term)
+from visadapt.methods.companions.ba_lora import BaLora, consistency, consistency_nlg, diversity, diversity_nlg, svd_term
 
 GEN = torch.Generator().manual_seed(0)
 Z = torch.randn(6, 4, generator=GEN, dtype=torch.float64)
@@ -79,7 +78,8 @@ class Tiny(AdapterModule):
 
     def train_dataloader(self):
         gen = torch.Generator().manual_seed(2)
-        data = torch.utils.data.TensorDataset(torch.randn(8, 5, generator=gen), torch.randint(0, 4, (8,), generator=gen))
+        x, y = torch.randn(8, 5, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+        data = torch.utils.data.TensorDataset(x, y)
         return torch.utils.data.DataLoader(data, batch_size=8)
 
 

@@ -33,7 +33,8 @@ class Stack(AdapterModule):
 
     def train_dataloader(self):
         gen = torch.Generator().manual_seed(1)
-        data = torch.utils.data.TensorDataset(torch.randn(64, 4, generator=gen), torch.randint(0, 3, (64,), generator=gen))
+        x, y = torch.randn(64, 4, generator=gen), torch.randint(0, 3, (64,), generator=gen)
+        data = torch.utils.data.TensorDataset(x, y)
         return torch.utils.data.DataLoader(data, batch_size=8)
 
 
@@ -81,10 +82,10 @@ def test_exactly_the_sampled_layers_train_and_the_sampling_is_the_seeded_generat
 
 
 def test_optimiser_state_of_layers_leaving_the_sample_is_dropped_or_kept(tmp_path):
-    _, lisa, rec = run(tmp_path, steps=6, opt="adamw", n_layers=1, interval=1, seed=3, state="drop")
+    _, _, rec = run(tmp_path, steps=6, opt="adamw", n_layers=1, interval=1, seed=3, state="drop")
     for active, _, states in rec.steps:
         assert states == set(active)  # only the layer of this step holds Adam moments
-    _, lisa, rec = run(tmp_path, steps=6, opt="adamw", n_layers=1, interval=1, seed=3, state="keep")
+    _, _, rec = run(tmp_path, steps=6, opt="adamw", n_layers=1, interval=1, seed=3, state="keep")
     seen = set()
     for active, _, states in rec.steps:
         seen |= set(active)

@@ -33,8 +33,14 @@ import torch
 
 from visadapt.adapters import SCHEDULES, adapter_layers
 from visadapt.methods.companions._extra_pass import require_automatic_optimisation, step_loss
-from visadapt.methods.companions._selection import (ScaledAdapters, cycle, held_out_loader, injection_root,
-                                                    selection_fragment, write_fragment)
+from visadapt.methods.companions._selection import (
+    ScaledAdapters,
+    cycle,
+    held_out_loader,
+    injection_root,
+    selection_fragment,
+    write_fragment,
+)
 from visadapt.rng import capture_rng_states, restore_rng_states
 
 
@@ -49,8 +55,7 @@ def discretise(gammas: list[float], keep_ratio: float) -> list[int]:
 
 @SCHEDULES.register("diffora")
 class DiffoRA(pl.Callback):
-    """DiffoRA's module search: a sigmoid-relaxed keep/drop scale per adapted module, learnt on held-out batches;
-    writes the top modules as an adapter fragment.
+    """DiffoRA: a sigmoid-relaxed keep/drop scale per adapted module learnt on held-out data; top ones -> inject config.
 
     Args:
         keep_ratio: Fraction of the adapted modules kept by the discretisation.

@@ -39,8 +39,14 @@ import torch
 
 from visadapt.adapters import SCHEDULES
 from visadapt.methods.companions._extra_pass import require_automatic_optimisation, step_loss, trainable
-from visadapt.methods.companions._selection import (ScaledAdapters, cycle, held_out_loader, injection_root,
-                                                    selection_fragment, write_fragment)
+from visadapt.methods.companions._selection import (
+    ScaledAdapters,
+    cycle,
+    held_out_loader,
+    injection_root,
+    selection_fragment,
+    write_fragment,
+)
 from visadapt.methods.companions.lisa import STACK_NAMES
 from visadapt.rng import capture_rng_states, restore_rng_states
 
@@ -109,8 +115,7 @@ def layer_groups(pl_module: pl.LightningModule, stack: str | None) -> dict[str, 
 
 @SCHEDULES.register("flexora")
 class Flexora(pl.Callback):
-    """Flexora's layer search: per-layer scales learnt by unrolled differentiation on held-out batches; writes the
-    selected layers as an adapter fragment.
+    """Flexora: per-layer scales learnt by unrolled differentiation on held-out batches; kept layers -> inject config.
 
     Args:
         every: Optimiser steps between two alpha steps.
@@ -183,8 +188,9 @@ class Flexora(pl.Callback):
         kept = select_above_mean(scores, self.top_k)
         self.selected = [m for i in kept for m in self.groups[names[i]]]
         ranking = sorted(zip(names, scores), key=lambda t: -t[1])
+        rule = f"top {self.top_k}" if self.top_k else "alpha above the mean"
         header = ("Flexora layer selection (visadapt.methods.companions.flexora): adapter target = the kept layers\n"
-                  f"kept {len(kept)} of {len(names)} layers ({'top ' + str(self.top_k) if self.top_k else 'alpha above the mean'})\n"
+                  f"kept {len(kept)} of {len(names)} layers ({rule})\n"
                   + "alpha: " + json.dumps({n: round(s, 4) for n, s in ranking}))
         text, self.fragment = selection_fragment(pl_module, self.selected, header)
         self.path = write_fragment(text, self.out, trainer, "flexora_selection.yaml")
