@@ -13,7 +13,7 @@ from visadapt.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[2]
 BF16 = str(ROOT / "configs" / "trainer" / "bf16.yaml")
-BF16_BASE = str(ROOT / "configs" / "trainer" / "bf16_base.yaml")
+BF16_BASE = str(ROOT / "configs" / "speed" / "bf16_base.yaml")
 """The main task runs with the frozen base stored in bf16 as well (a superset of bf16.yaml: autocast plus the cast)."""
 
 
@@ -51,8 +51,8 @@ def dtypes(monkeypatch):
 
 
 def _fit(task: str, tmp_path: Path, *extra: str):
-    fragment = BF16_BASE if task == "clip_fewshot" else BF16
-    return cli_main(["fit", "-c", str(ROOT / "tasks" / f"{task}.yaml"), "--trainer", fragment, "--trainer.fast_dev_run=1",
+    fragment = ["-c", BF16_BASE] if task == "clip_fewshot" else ["--trainer", BF16]
+    return cli_main(["fit", "-c", str(ROOT / "tasks" / f"{task}.yaml"), *fragment, "--trainer.fast_dev_run=1",
                      "--trainer.accelerator=cpu", f"--trainer.logger.init_args.save_dir={tmp_path}",
                      f"--trainer.default_root_dir={tmp_path}", *extra])
 

@@ -1,5 +1,5 @@
 """torch.compile: an adapted model traces without graph breaks (dynamo's own count, ``torch._dynamo.explain``), the
-compiled training step equals the eager one, and ``configs/trainer/compile.yaml`` compiles the main task's blocks."""
+compiled training step equals the eager one, and ``configs/speed/compile.yaml`` compiles the main task's blocks."""
 
 from __future__ import annotations
 
@@ -88,9 +88,9 @@ def test_compile_fragment_compiles_the_main_task(tmp_path):
     from visadapt.cli import cli_main
 
     counters.clear()
-    cli = cli_main(["fit", "-c", str(ROOT / "tasks" / "clip_fewshot.yaml"), "--trainer",
-                    str(ROOT / "configs" / "trainer" / "compile.yaml"),
-                    "--trainer.callbacks.init_args.backend=eager",  # dynamo without kernel generation: seconds
+    cli = cli_main(["fit", "-c", str(ROOT / "tasks" / "clip_fewshot.yaml"), "-c",
+                    str(ROOT / "configs" / "speed" / "compile.yaml"),
+                    "--trainer.callbacks.backend=eager",  # dynamo without kernel generation: seconds
                     "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu", "--model.init_args.backbone=tiny_open_clip",
                     "--model.init_args.backbone_kwargs={}", "--model.init_args.adapter.init_args.target=attn_qv", *TINY_DATA,
                     "--data.init_args.shots=2", "--data.init_args.image_size=32",

@@ -2,8 +2,8 @@
 
 Use it with the trainer fragment (any task, CPU or GPU)::
 
-    python -m visadapt fit -c tasks/clip_fewshot.yaml --trainer configs/trainer/compile.yaml
-    python -m visadapt fit -c tasks/clip_fewshot.yaml --trainer configs/trainer/compile.yaml --trainer configs/trainer/bf16.yaml
+    python -m visadapt fit -c tasks/clip_fewshot.yaml -c configs/speed/compile.yaml
+    python -m visadapt fit -c tasks/clip_fewshot.yaml -c configs/speed/compile.yaml --trainer configs/trainer/bf16.yaml
 
 Why blocks and not the whole module: methods call their models through their own entry points
 (``encode_image``, ``encode_text``, a tracker's joint forward), not through one ``forward``, so compiling the

@@ -1,6 +1,6 @@
 """Frozen base weights in bf16 with fp32 adapters: a callback for any method (the issue-17 option).
 
-    python -m visadapt fit -c tasks/clip_fewshot.yaml --trainer configs/trainer/bf16_base.yaml
+    python -m visadapt fit -c tasks/clip_fewshot.yaml -c configs/speed/bf16_base.yaml
 
 ``precision: bf16-mixed`` alone keeps every weight in fp32 and lets autocast cast the frozen weights to bf16 again on
 every forward (autocast caches casts of trainable leaves only). This callback stores the frozen ``nn.Linear`` /
