@@ -33,7 +33,7 @@ class Stack(AdapterModule):
 
     def train_dataloader(self):
         gen = torch.Generator().manual_seed(1)
-        x, y = torch.randn(64, 4, generator=gen), torch.randint(0, 3, (64,), generator=gen)
+        x, y = torch.randn(32, 4, generator=gen), torch.randint(0, 3, (32,), generator=gen)
         data = torch.utils.data.TensorDataset(x, y)
         return torch.utils.data.DataLoader(data, batch_size=8)
 
@@ -111,3 +111,27 @@ def test_hf_layout_and_explicit_stack():
     with pytest.raises(UserError, match="no layer stack"):
         find_layers(nn.Sequential(nn.Linear(2, 2)))
     assert SCHEDULES.get("lisa") is Lisa
+
+
+def test_resuming_continues_the_same_samples_and_keeps_every_trained_layer(tmp_path):
+    def trainer(steps, callbacks):
+        return pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, max_steps=steps, default_root_dir=tmp_path, callbacks=callbacks)
+
+    class AtStart(pl.Callback):
+        def on_train_start(self, trainer, module):
+            self.params = {n: p.detach().clone() for n, p in module.named_parameters()}
+
+    full = Lisa(n_layers=2, interval=2, seed=5)
+    trainer(8, [full]).fit(Stack())
+    first_model, first = Stack(), Lisa(n_layers=2, interval=2, seed=5)
+    t = trainer(4, [first])
+    t.fit(first_model)
+    t.save_checkpoint(tmp_path / "half.ckpt")
+    keys = set(torch.load(tmp_path / "half.ckpt", weights_only=True)["state_dict"])
+    assert {f"blocks.{i}.0.weight" for i in range(5)} <= keys  # every layer LISA may have changed is saved
+    resumed, start = Lisa(n_layers=2, interval=2, seed=5), AtStart()
+    trainer(8, [resumed, start]).fit(Stack(), ckpt_path=tmp_path / "half.ckpt")
+    assert resumed.history == full.history  # the generator and the sample continue where they were
+    for n, p in first_model.named_parameters():  # the resumed run starts from the trained blocks
+        assert torch.equal(start.params[n], p.detach()), n
