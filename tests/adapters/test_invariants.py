@@ -135,7 +135,7 @@ def test_only_adapter_parameters_train(toy, variant, model_name):
         nn.functional.mse_loss(case.run(case.model), goal).backward()
         optimiser.step()
     after = case.model.state_dict()
-    buffers = {n for n, _ in case.model.named_buffers()}  # fixed adapter buffers (LoRA-SB's A, B): test_lora_sb
+    buffers = {n for n, _ in case.model.named_buffers()}  # fixed adapter buffers (LoRA-SB): test_companion_lora_sb.py
     for key, value in before.items():
         if is_adapter_param(key) and key in buffers:
             continue
