@@ -104,3 +104,40 @@ def test_refuses_adapters_without_a_plain_pair(toy, tmp_path):
     model = toy.adapted(RandLoRAConfig(target="lin0|lin1", r=2))
     with pytest.raises(UserError, match="LoRA-Pro adjusts .* 'randlora' adapter on body.lin0"):
         toy.trainer(tmp_path, [LoraPro()]).fit(model, toy.loader())
+
+
+def test_full_adam_variant_runs_adam_on_the_equivalent_gradient(toy, tmp_path):
+    lr = 0.05
+    model = toy.adapted(LoRAConfig(target="lin1", r=2, alpha=4), optimizer=lambda p: torch.optim.SGD(p, lr=lr))
+    seen = []
+    orig = LoraPro.on_before_optimizer_step
+
+    def spy(self, trainer, module, optimizer):
+        core = module.body.lin1.adapters["default"]
+        seen.append((core.lora_A.detach().clone(), core.lora_B.detach().clone(), core.lora_A.grad.clone(),
+                     core.lora_B.grad.clone()))
+        orig(self, trainer, module, optimizer)
+
+    LoraPro.on_before_optimizer_step = spy
+    try:
+        toy.trainer(tmp_path, [LoraPro(full_adam=True)], max_steps=2).fit(model, toy.loader())
+    finally:
+        LoraPro.on_before_optimizer_step = orig
+    core = model.body.lin1.adapters["default"]
+    s, m, v = core.scale, 0.0, 0.0
+    for step, (a, b, ga, gb) in enumerate(seen, start=1):  # the official recipe, written out
+        pa, pb = lora_pro_gradients(a, b, ga, gb, s)
+        g = s * b @ pa + s * pb @ a
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        direction = (m / (1 - 0.9**step)) / ((v / (1 - 0.999**step)).sqrt() + 1e-8)
+        da, db = lora_pro_gradients(a, b, s * b.t() @ direction, s * direction @ a.t(), s)
+        expected_a, expected_b = a - lr * da, b - lr * db
+    torch.testing.assert_close(core.lora_A.detach(), expected_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(core.lora_B.detach(), expected_b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(seen[1][1], seen[0][1])  # B moved at step 1 (the first step moves only B)
+
+
+def test_full_adam_variant_refuses_an_adaptive_optimiser(toy, tmp_path):
+    model = toy.adapted(LoRAConfig(target="lin1", r=2), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    with pytest.raises(UserError, match="full_adam: true runs Adam itself.*plain SGD"):
+        toy.trainer(tmp_path, [LoraPro(full_adam=True)]).fit(model, toy.loader())

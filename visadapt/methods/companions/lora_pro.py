@@ -19,7 +19,10 @@ optimiser state), maps the Adam direction back through the same projection and s
 LoRA-Pro *without* full-size moment buffers, so here the adjusted ``(g_A*, g_B*)`` are handed to the method's own
 optimiser (AdamW by default) whose state is LoRA-sized (``r (m + n)`` per moment). The difference: Adam's
 per-element normalisation acts on the factors, not on ``W``'s elements, so a step is the optimal *gradient*
-direction, preconditioned in factor space. The full-size variant is not implemented.
+direction, preconditioned in factor space. ``full_adam: true`` gives the official variant instead: the callback keeps
+full-size Adam moments of the equivalent gradient ``g~ = s B g_A* + s g_B* A`` (bias-corrected, betas 0.9/0.999,
+eps 1e-8), maps the Adam direction ``G`` back to ``(s B^T G, s G A^T)``, adjusts that pair with the same closed form,
+and requires the method's optimiser to be plain SGD (no momentum, no weight decay), so that nothing moves twice.
 
 A Lightning callback: the adjustment runs in ``on_before_optimizer_step`` (after backward and gradient accumulation,
 before clipping and the step), so every method and optimiser gets it without code of its own. Only plain LoRA pairs
@@ -34,6 +37,7 @@ import torch
 from torch import Tensor
 
 from visadapt.adapters import OPTIMISERS
+from visadapt.errors import UserError
 from visadapt.methods.companions.lora_ga import plain_lora_parts
 
 
@@ -83,18 +87,33 @@ class LoraPro(pl.Callback):
 
     Args:
         damping: ``lambda`` of the damped inverses ``pinv(M + lambda I)`` (official: 1e-8).
+        full_adam: The official variant: full-size Adam moments of the equivalent gradient in the callback, the
+            method's optimiser plain SGD. ``False`` (default): the adjusted gradients go to the method's optimiser.
+        betas: Adam's betas of ``full_adam``.
+        eps: Adam's epsilon of ``full_adam``.
         adapter: Adapter name; ``None`` = the model's only adapter (plain LoRA pairs only).
     """
 
-    def __init__(self, damping: float = 1e-8, adapter: str | None = None) -> None:
+    def __init__(self, damping: float = 1e-8, full_adam: bool = False, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, adapter: str | None = None) -> None:
         if not damping >= 0:
             raise ValueError(f"damping must be >= 0, got {damping}")
-        self.damping, self.adapter = damping, adapter
+        self.damping, self.full_adam, self.betas, self.eps, self.adapter = damping, full_adam, tuple(betas), eps, adapter
         self._parts = None
+        self._moments: dict[str, dict[str, Tensor]] = {}  # full_adam: block key -> {"step", "exp_avg", "exp_avg_sq"}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._parts = plain_lora_parts(pl_module, self.adapter, "LoRA-Pro",
                                        "adjusts the gradients of the two factors of a LoRA update s*B*A")
+        if self.full_adam:
+            for optimizer in trainer.optimizers:
+                plain_sgd = type(optimizer) is torch.optim.SGD and all(
+                    g.get("momentum", 0) == 0 and g.get("weight_decay", 0) == 0 for g in optimizer.param_groups)
+                if not plain_sgd:
+                    raise UserError(
+                        "LoRA-Pro with full_adam: true runs Adam itself, so the method's optimiser must be plain SGD "
+                        f"(momentum 0, weight_decay 0), got {type(optimizer).__name__}; set model.init_args.optimizer "
+                        "to class_path: torch.optim.SGD with init_args {lr: ...}")
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
@@ -104,5 +123,29 @@ class LoraPro(pl.Callback):
                 continue
             ga, gb = lora_pro_gradients(core.lora_A, core.lora_B, core.lora_A.grad, core.lora_B.grad, core.scale,
                                         self.damping)
+            if self.full_adam:
+                ga, gb = self._adam_direction(part.key, core, ga, gb)
             core.lora_A.grad.copy_(ga)
             core.lora_B.grad.copy_(gb)
+
+    def _adam_direction(self, key: str, core, ga: Tensor, gb: Tensor) -> tuple[Tensor, Tensor]:
+        """The official step: Adam on the full equivalent gradient, mapped back and adjusted again."""
+        a, b, s = core.lora_A.detach().float(), core.lora_B.detach().float(), core.scale
+        g_eq = equivalent_gradient(a, b, ga.float(), gb.float(), s)
+        state = self._moments.setdefault(key, {"step": torch.zeros(()), "exp_avg": torch.zeros_like(g_eq),
+                                               "exp_avg_sq": torch.zeros_like(g_eq)})
+        beta1, beta2 = self.betas
+        state["step"] += 1
+        state["exp_avg"].mul_(beta1).add_(g_eq, alpha=1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(g_eq, g_eq, value=1 - beta2)
+        step = float(state["step"])
+        m_hat = state["exp_avg"] / (1 - beta1**step)
+        v_hat = state["exp_avg_sq"] / (1 - beta2**step)
+        direction = m_hat / (v_hat.sqrt() + self.eps)
+        return lora_pro_gradients(a, b, s * b.t() @ direction, s * direction @ a.t(), s, self.damping)
+
+    def state_dict(self) -> dict:
+        return {"moments": self._moments} if self.full_adam else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._moments = state_dict.get("moments") or {}
