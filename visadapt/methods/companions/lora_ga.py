@@ -192,6 +192,14 @@ def refuse_zero_gradients(grads: dict[str, Tensor], who: str) -> None:
                         "layers the loss uses")
 
 
+def average_over_processes(trainer: pl.Trainer, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The gradients averaged over the processes of a distributed run (each saw its own batches), so that every
+    process initialises the same factors; unchanged in a single process."""
+    if trainer.world_size <= 1:
+        return grads
+    return {k: trainer.strategy.reduce(g, reduce_op="mean") for k, g in grads.items()}
+
+
 def training_batches(trainer: pl.Trainer, module: pl.LightningModule, count: int) -> Iterator[Any]:
     """``count`` batches of the trainer's training loader (cycled when shorter), moved to the module's device."""
     loader = trainer.train_dataloader
@@ -319,12 +327,14 @@ class LoraGA(pl.Callback):
                     offset_base(part, state["A0"], state["B0"], part.core.scale)
             self._restored = False
             return
-        if trainer.global_step > 0:
-            return  # resumed from a checkpoint written without this companion: nothing to initialise
+        if trainer.global_step > 0:  # resumed from a checkpoint written without this companion
+            print("visadapt: LoRA-GA skipped: the fit resumes at step > 0 from a checkpoint without its state")
+            return
         with forked_rng(pl_module):
             grads = estimate_full_gradients(
                 pl_module, parts, training_batches(trainer, pl_module, self.batches),
                 lambda batch, i: training_loss(pl_module, batch, i, who))
+            grads = average_over_processes(trainer, grads)
             refuse_zero_gradients(grads, who)
             torch.manual_seed(self.seed)
             self._init = {}

@@ -32,6 +32,7 @@ from visadapt.adapters import INITIALISERS, LoRASB, variant_name
 from visadapt.errors import UserError
 from visadapt.methods.companions.lora_ga import (
     adapter_parts,
+    average_over_processes,
     estimate_full_gradients,
     forked_rng,
     refuse_zero_gradients,
@@ -101,7 +102,8 @@ class LoraSB(pl.Callback):
                     part.core.lora_B.copy_(self._init[part.key]["B"])
             self._restored = False
             return
-        if trainer.global_step > 0:
+        if trainer.global_step > 0:  # resumed from a checkpoint written without this companion
+            print("visadapt: LoRA-SB skipped: the fit resumes at step > 0 from a checkpoint without its state")
             return
         lr = self.lr
         if lr is None:
@@ -114,6 +116,7 @@ class LoraSB(pl.Callback):
             grads = estimate_full_gradients(
                 pl_module, parts, training_batches(trainer, pl_module, self.batches),
                 lambda batch, i: training_loss(pl_module, batch, i, "LoRA-SB"))
+        grads = average_over_processes(trainer, grads)
         refuse_zero_gradients(grads, "LoRA-SB")
         self._init = {}
         for part in parts:
