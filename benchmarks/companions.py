@@ -51,7 +51,7 @@ CELLS = RESULTS / "companions" / "cells"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 if str(ROOT) not in sys.path:  # run from anywhere, installed or not
     sys.path.insert(1, str(ROOT))
-import adapter_variants  # noqa: E402  (the reference row's cell logic; its behaviour is unchanged)
+import adapter_variants  # the reference row's cell logic (its behaviour is unchanged)
 
 
 def fragments(only: list[str] | None = None) -> list[str]:
@@ -163,8 +163,9 @@ def accuracy_table(result: dict) -> str:
         per.setdefault(cell["fragment"], {})[cell["seed"]] = cell
     subsets = sorted({s for c in result["cells"] for s in (c.get("adapted") or {})}) or ["all"]
     ref = per.get("lora", {})
-    lines = [f"| fragment | trainable | {' | '.join(f'{s} top-1 (mean ± std)' for s in subsets)} | vs lora | per seed "
-             "| train s (mean) |", "|---|---:|" + "---:|" * len(subsets) + "---:|---|---:|"]
+    head = " | ".join(f"{s} top-1 (mean ± std)" for s in subsets)
+    lines = [f"| fragment | trainable | {head} | vs lora | per seed | train s (mean) |",
+             "|---|---:|" + "---:|" * len(subsets) + "---:|---|---:|"]
     ref_mean = None
     if ref and all(c.get("adapted") for c in ref.values()):
         ref_mean = statistics.fmean(_pct(c["adapted"][subsets[0]]) for c in ref.values())
@@ -317,7 +318,7 @@ def bench_cost(args) -> dict:
                 continue
             try:
                 out = _cost_fit(stem, args)
-            except (Exception, SystemExit) as err:  # reported in the table, not hidden
+            except (Exception, SystemExit) as err:  # noqa: BLE001  (any failure is reported in the table)
                 runs[stem] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
                 print(f"{stem}: failed ({runs[stem]['error']})", flush=True)
                 continue
@@ -351,8 +352,9 @@ def bench_cost(args) -> dict:
 
 
 def cost_table(result: dict) -> str:
-    lines = ["| fragment | trainable | vs lora | step (s, median; min–max) | step ratio | init overhead (s) | "
-             "memory (MiB) | memory ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    head = ("| fragment | trainable | vs lora | step (s, median; min–max) | step ratio | init overhead (s) | "
+            "memory (MiB) | memory ratio |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for stem, row in result["rows"].items():
         if "error" in row:
             lines.append(f"| {stem} | – | – | – | – | – | – | – ({row['error'][:80]}) |")

@@ -35,10 +35,9 @@ def test_equivalent_gradient_is_the_least_squares_projection_of_the_full_gradien
     new_a, new_b = lora_pro_gradients(a, b, ga, gb, s, damping=0.0)
     m, n = g.shape
     # the linear map (X_A, X_B) -> s B X_A + s X_B A, column-major vec: vec(B X_A) = (I_n kron B) vec(X_A)
-    op = torch.cat([s * torch.kron(torch.eye(n, dtype=g.dtype), b), s * torch.kron(a.t().contiguous(), torch.eye(m, dtype=g.dtype))],
-                   dim=1)
-    vec = lambda t: t.t().reshape(-1)  # noqa: E731
-    sol = torch.linalg.lstsq(op, vec(g)).solution
+    eye_m, eye_n = torch.eye(m, dtype=g.dtype), torch.eye(n, dtype=g.dtype)
+    op = torch.cat([s * torch.kron(eye_n, b), s * torch.kron(a.t().contiguous(), eye_m)], dim=1)
+    sol = torch.linalg.lstsq(op, g.t().reshape(-1)).solution
     projection = (op @ sol).reshape(n, m).t()
     torch.testing.assert_close(equivalent_gradient(a, b, new_a, new_b, s), projection, rtol=1e-9, atol=1e-9)
     # and it is a better approximation of g than LoRA's own equivalent gradient
@@ -47,11 +46,11 @@ def test_equivalent_gradient_is_the_least_squares_projection_of_the_full_gradien
 
 
 def test_among_the_optimal_pairs_the_closest_to_the_lora_gradients_is_chosen():
-    a, b, g, s, ga, gb = _problem(seed=3)
+    a, b, _, s, ga, gb = _problem(seed=3)
     new_a, new_b = lora_pro_gradients(a, b, ga, gb, s, damping=0.0)
     r = a.shape[0]
     # every optimal pair is (gA* + Y A, gB* - B Y); minimise |gA(Y) - gA|^2 + |gB(Y) - gB|^2 over Y by least squares
-    rows, rhs = [], []
+    rows = []
     for i in range(r):
         for j in range(r):
             e = torch.zeros(r, r, dtype=a.dtype)
