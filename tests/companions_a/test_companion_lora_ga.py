@@ -17,7 +17,8 @@ def _exact_svd_lowrank(a, q=6, niter=2, M=None):
     return u[:, :q], s[:q], vh[:q].t()
 
 
-@pytest.mark.parametrize("direction,scale", [("ArB2r", "stable"), ("A2rBr", "gd_scale"), ("ArBr", "unit")])
+@pytest.mark.parametrize("direction,scale", [("ArB2r", "stable"), ("A2rBr", "gd_scale"), ("ArBr", "unit"),
+                                             ("ArB2r", "weight_svd")])
 def test_parity_with_peft_lora_ga(toy, tmp_path, monkeypatch, direction, scale):
     from peft import LoraConfig, LoraGAConfig, get_peft_model
     from peft.tuners.lora.loraga import preprocess_loraga
