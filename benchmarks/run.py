@@ -13,8 +13,9 @@ What runs (a timm ViT, random init: speed does not depend on the weights; the cl
   CLIP-LoRA), ``block_lora_qv`` (the CLIP main task's Block-LoRA), ``comp_lora_qv`` (Comp-LoRA),
   ``lorat`` (LoRAT: LoRA r=64, trunc-normal A and B, on qkv, proj, fc1, fc2);
 * variants: ``fp32``; ``bf16`` (autocast, fp32 weights); ``bf16_base`` (autocast and the frozen Linear weights
-  stored in bf16, :func:`visadapt.adapters.cast_frozen_base`); ``compile`` (``torch.compile`` of the whole model,
-  inductor, under bf16 autocast; only for ``--compile-configs``, since each compilation takes minutes on a CPU);
+  stored in bf16, :func:`visadapt.adapters.cast_frozen_base`); ``compile`` / ``compile_fp32`` (``torch.compile`` of
+  the whole model, inductor, under bf16 autocast / in fp32; only for ``--compile-configs``, since each compilation
+  takes minutes on a CPU);
 * training step = zero_grad + forward + cross-entropy + backward + AdamW step; inference = forward in
   ``torch.inference_mode`` of the plain backbone, visadapt LoRA q,v unmerged and merged, PEFT LoRA unmerged and merged;
 * every (configuration, variant) pair runs one step per round, the order rotated every round, after ``--warmup``
@@ -67,7 +68,7 @@ SIZES = {
 QKV = r"blocks\.\d+\.attn\.qkv"
 QV = QKV + "[q,v]"
 LORAT = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
-VARIANTS = ("fp32", "bf16", "bf16_base", "compile")
+VARIANTS = ("fp32", "bf16", "bf16_base", "compile", "compile_fp32")
 LOW = {"bf16", "bf16_base", "compile"}  # variants whose matmuls run in bf16
 
 
@@ -193,7 +194,7 @@ class TrainRun:
             cast_frozen_base(model)
         self.model = model.to(device).train()
         self.trainable, self.total = count_parameters(self.model)
-        self.call = torch.compile(self.model, backend=backend) if variant == "compile" else self.model
+        self.call = torch.compile(self.model, backend=backend) if variant.startswith("compile") else self.model
         self.optimiser = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
         self.x, self.y = x, y
         self.times: list[float] = []
@@ -210,13 +211,13 @@ class TrainRun:
 
     def first(self) -> None:
         """The first (untimed) step: FLOPs (eager model, exact) and memory of activations and state."""
-        if self.variant == "compile":
+        if self.variant.startswith("compile"):
             self.step()  # compiles forward and backward: never timed
         else:
             with FlopCounterMode(display=False) as counter:
                 self.step()
             self.flops = counter.get_total_flops()
-        activations = saved_bytes(self.model, self.step) if self.variant != "compile" else 0
+        activations = 0 if self.variant.startswith("compile") else saved_bytes(self.model, self.step)
         params = _tensor_bytes(self.model.parameters())
         grads = _tensor_bytes(p.grad for p in self.model.parameters() if p.grad is not None)
         state = _tensor_bytes(t for s in self.optimiser.state.values() for t in s.values())
@@ -253,7 +254,7 @@ def bench(args, device: torch.device, log: Callable[[str], None] = print) -> dic
     runs: list[TrainRun] = []
     for variant in args.variants:
         for key in keys:
-            if variant == "compile" and key not in args.compile_configs:
+            if variant.startswith("compile") and key not in args.compile_configs:
                 continue
             t0 = time.perf_counter()
             runs.append(TrainRun(key, configs[key][0], configs[key][1], variant, args.size, device, x, y,
@@ -327,13 +328,13 @@ def inference_models(args, device: torch.device, keys: list[str]) -> dict[str, t
     out = {}
     for variant in args.variants:
         for name, make in builders.items():
-            if variant == "compile" and name not in ("plain", "visadapt_merged", "visadapt_unmerged"):
+            if variant.startswith("compile") and name not in ("plain", "visadapt_merged", "visadapt_unmerged"):
                 continue  # each compilation takes minutes on a CPU
             model = make()
             if variant == "bf16_base":
                 cast_frozen_base(model)
             model = model.to(device).eval().requires_grad_(False)
-            compiled = torch.compile(model, backend=args.compile_backend) if variant == "compile" else model
+            compiled = torch.compile(model, backend=args.compile_backend) if variant.startswith("compile") else model
             out[f"{name}|{variant}"] = (compiled, variant)
     return out
 
@@ -344,7 +345,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def summarise(runs: list[TrainRun], infer: dict, infer_times: dict, rates: dict, device: torch.device) -> dict:
     gemm = {k: _stats(v) for k, v in rates.items()}
-    flops_of = {(r.key, "eager"): r.flops for r in runs if r.variant != "compile"}
+    flops_of = {(r.key, "eager"): r.flops for r in runs if not r.variant.startswith("compile")}
     train = []
     for r in runs:
         t = _stats(r.times)
@@ -438,10 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=sorted(SIZES), default="small",
                    help="small: 4-block 192-wide ViT, 64 px, batch 8 (CPU); paper: ViT-B/16, 224 px, batch 32 (GPU)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--variants", type=_names, default=list(VARIANTS), help=f"comma-separated from {VARIANTS}")
+    p.add_argument("--variants", type=_names, default=["fp32", "bf16", "bf16_base", "compile"],
+                   help=f"comma-separated from {VARIANTS}")
     p.add_argument("--only", type=_names, default=None,
                    help="configurations to run (frozen and peft_lora_qkv always run: they are the anchors)")
-    p.add_argument("--compile-configs", type=_names, default=["frozen", "lora_qkv", "peft_lora_qkv"],
+    p.add_argument("--compile-configs", type=_names, default=["lora_qkv", "peft_lora_qkv"],
                    help="configurations that also run compiled (each compiles for minutes on a CPU)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of the compile variant (aot_eager: traces only, for dry runs)")
