@@ -395,12 +395,14 @@ def markdown(results: dict) -> str:
     for row in results["training"]:
         t = row["step_s"]
         mem = row["cuda_step_peak_bytes"] or sum(row["memory_bytes"].values())
+        mem_text = "-" if row["variant"].startswith("compile") and not row["cuda_step_peak_bytes"] else (
+            f"{mem / 2**20:.0f}")  # a compiled step's saved activations are not visible to the hooks
         lines.append(
             f"| {row['label']} | {row['variant']} | {row['trainable_params']:,} | {1e3 * t['median']:.1f} "
             f"({1e3 * t['min']:.1f}-{1e3 * t['max']:.1f}) | {_f(row['vs_peft_lora_qkv'])} | {_f(row['vs_frozen'])} | "
             f"{_f(row['vs_fp32'])} | {_f(row['flops'] / 1e9 if row['flops'] else None, '{:.2f}')} | "
             f"{_f(row['achieved_flops'] / 1e9 if row['achieved_flops'] else None, '{:.1f}')} | "
-            f"{_f(100 * row['utilisation'] if row['utilisation'] else None, '{:.0f} %')} | {mem / 2**20:.0f} |")
+            f"{_f(100 * row['utilisation'] if row['utilisation'] else None, '{:.0f} %')} | {mem_text} |")
     lines += ["", "| inference (forward) | variant | ms | vs plain |", "|---|---|---:|---:|"]
     for row in results["inference"]:
         t = row["forward_s"]
