@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a fresh machine runs it from the checkout without installing
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import run as harness  # noqa: E402  (benchmarks/run.py)
-import tracking_fps  # noqa: E402
+import run as harness  # benchmarks/run.py
+import tracking_fps
 
 FSCIL_DATA = "gpu_bench_shapes"
 
@@ -119,7 +119,8 @@ def fscil_sessions(args, out: Path) -> dict:
 def lorat_fps(args, out: Path) -> dict:
     argv = ["--variant", "tiny" if args.dry_run else "b224", "--device", args.device, "--dtype", "bfloat16",
             "--json", str(out / "lorat_fps.json")]
-    argv += ["--repeats", "1", "--iters", "1", "--warmup", "1"] if args.dry_run else ["--repeats", "10", "--iters", "20"]
+    argv += (["--repeats", "1", "--iters", "1", "--warmup", "1"] if args.dry_run
+             else ["--repeats", "10", "--iters", "20"])
     res = tracking_fps.main(argv)
     return {row["model"]: row["fps"] for row in res["rows"]}
 
@@ -173,10 +174,12 @@ def main(argv: list[str] | None = None) -> dict:
         lines += ["", m["train_inference"]["table"], ""]
     if "fscil" in m:
         lines += ["## FSCIL (CoACT) sessions", ""]
-        lines += [f"- session {s['session']}: train {s['train_s']} s, eval {s['eval_s']} s" for s in m["fscil"]["sessions"]]
+        lines += [f"- session {s['session']}: train {s['train_s']} s, eval {s['eval_s']} s"
+                  for s in m["fscil"]["sessions"]]
         lines.append("")
     if "lorat_fps" in m:
-        lines += ["## LoRAT tracker (bf16, batch 1)", ""] + [f"- {k}: {v:.1f} frames/s" for k, v in m["lorat_fps"].items()]
+        lines += ["## LoRAT tracker (bf16, batch 1)", ""]
+        lines += [f"- {k}: {v:.1f} frames/s" for k, v in m["lorat_fps"].items()]
     lines += ["", f"total {summary['total_s']:.0f} s; skipped (over budget): {summary['skipped'] or 'none'}"]
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -2,7 +2,7 @@
 
     python benchmarks/run.py --size small                      # CPU, a small ViT (minutes)
     python benchmarks/run.py --size paper --device cuda        # ViT-B/16 at 224 px, batch 32
-    python benchmarks/run.py --size small --variants fp32,bf16 # leave torch.compile out (it compiles for minutes on CPU)
+    python benchmarks/run.py --size small --variants fp32,bf16 # no torch.compile (it compiles for minutes on a CPU)
     python benchmarks/run.py --markdown --from-json benchmarks/results/run.json   # the README table, no run
 
 What runs (a timm ViT, random init: speed does not depend on the weights; the classifier head trains everywhere):
@@ -61,9 +61,9 @@ from visadapt.adapters import (
 
 SIZES = {
     # name: (timm ViT kwargs, batch, classes)
-    "small": (dict(img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3), 8, 10),
-    "paper": (dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12), 32, 1000),
-    "tiny": (dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2), 2, 5),  # --dry-run / tests
+    "small": ({"img_size": 64, "patch_size": 8, "embed_dim": 192, "depth": 4, "num_heads": 3}, 8, 10),
+    "paper": ({"img_size": 224, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12}, 32, 1000),
+    "tiny": ({"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}, 2, 5),  # dry runs, tests
 }
 QKV = r"blocks\.\d+\.attn\.qkv"
 QV = QKV + "[q,v]"
@@ -390,8 +390,9 @@ def markdown(results: dict) -> str:
             f"of {results['rounds']} interleaved rounds after {results['warmup']} warm-up (range in brackets). "
             f"Matmul rate measured in the same run: fp32 {gemm['fp32']['median'] / 1e9:.0f} GFLOP/s, bf16 "
             f"{gemm['bf16']['median'] / 1e9:.0f} GFLOP/s.")
-    lines = [head, "", "| configuration | variant | trainable | step ms | vs PEFT | vs frozen | vs fp32 | GFLOP/step |"
-             " achieved GFLOP/s | utilisation | memory MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    columns = ("| configuration | variant | trainable | step ms | vs PEFT | vs frozen | vs fp32 | GFLOP/step |"
+               " achieved GFLOP/s | utilisation | memory MB |")
+    lines = [head, "", columns, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results["training"]:
         t = row["step_s"]
         mem = row["cuda_step_peak_bytes"] or sum(row["memory_bytes"].values())
@@ -410,8 +411,8 @@ def markdown(results: dict) -> str:
                      f"{1e3 * t['max']:.1f}) | {_f(row['vs_plain'])} |")
     mem_note = ("memory: CUDA peak of the step above the resting state" if results["device"] != "cpu" else
                 "memory: saved activations + parameters + gradients + AdamW state (exact byte counts)")
-    lines += ["", f"{mem_note}; utilisation: FLOPs of the step (counted) / step time / measured matmul rate of the "
-              "variant's dtype (bf16 for bf16, bf16_base and compile)."]
+    lines += ["", (f"{mem_note}; utilisation: FLOPs of the step (counted) / step time / measured matmul rate of the "
+                   "variant's dtype (bf16 for bf16, bf16_base and compile).")]
     return "\n".join(lines)
 
 

@@ -62,21 +62,22 @@ def _tracking_spec(root: Path) -> str:
     return "{dataset: tracking_synthetic, root: " + str(root) + ", split: %s, dataset_kwargs: " + kw + "}"
 
 
+MANIP_PREPROCESS = "{image_size: 64, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}"
 TASKS = {
     "clip_fewshot": lambda tmp: ["--data.init_args.image_size=32", "--data.init_args.shots=2",
                                  "--data.init_args.test_per_class=2"],
     "manipshield": lambda tmp: [f"--data.init_args.root={tmp / 'gen'}", "--data.init_args.num_images=5",
                                 "--data.init_args.test_images=2", "--data.init_args.dataset_kwargs={size: 64}",
                                 "--data.init_args.batch_size=4", "--model.init_args.backbone_kwargs={image_size: 64}",
-                                "--data.init_args.preprocess={image_size: 64, mean: [0.5, 0.5, 0.5], "
-                                "std: [0.5, 0.5, 0.5]}",
+                                f"--data.init_args.preprocess={MANIP_PREPROCESS}",
                                 "--model.init_args.explain_eval_images=2", "--model.init_args.max_new_tokens=4"],
     "tracking_lorat": lambda tmp: [f"--data.init_args.train=[{_tracking_spec(tmp / 'data') % 'train'}]",
                                    f"--data.init_args.val={_tracking_spec(tmp / 'data') % 'val'}",
                                    f"--data.init_args.test={_tracking_spec(tmp / 'data') % 'test'}",
                                    "--data.init_args.num_workers=0", "--data.init_args.batch_size=4"],
     # fast_dev_run leaves no log folder to export the model into: one real step instead
-    "t2i_base": lambda tmp: ["--trainer.fast_dev_run=false", "--trainer.max_steps=1", "--trainer.max_time=null", "--data.init_args.dataset_kwargs={limit: 64}",
+    "t2i_base": lambda tmp: ["--trainer.fast_dev_run=false", "--trainer.max_steps=1", "--trainer.max_time=null",
+                             "--data.init_args.dataset_kwargs={limit: 64}",
                              "--data.init_args.batch_size=4", "--model.init_args.eval_seeds=1",
                              "--model.init_args.eval_steps=1"],
     "t2i_decor": lambda tmp: ["--model.init_args.backbone=tiny_sd"],

@@ -91,8 +91,9 @@ def test_compile_fragment_compiles_the_main_task(tmp_path):
     cli = cli_main(["fit", "-c", str(ROOT / "tasks" / "clip_fewshot.yaml"), "-c",
                     str(ROOT / "configs" / "speed" / "compile.yaml"),
                     "--trainer.callbacks.backend=eager",  # dynamo without kernel generation: seconds
-                    "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu", "--model.init_args.backbone=tiny_open_clip",
-                    "--model.init_args.backbone_kwargs={}", "--model.init_args.adapter.init_args.target=attn_qv", *TINY_DATA,
+                    "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu",
+                    "--model.init_args.backbone=tiny_open_clip", "--model.init_args.backbone_kwargs={}",
+                    "--model.init_args.adapter.init_args.target=attn_qv", *TINY_DATA,
                     "--data.init_args.shots=2", "--data.init_args.image_size=32",
                     f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}"])
     compiled = cli.model.report["compiled"]

@@ -21,7 +21,6 @@ import re
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from torch import nn
 
 from visadapt.adapters import adapter_layers
