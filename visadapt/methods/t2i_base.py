@@ -216,7 +216,7 @@ class TextToImageBase(AdapterModule):
         self.report["steps"] = self.global_step
         if not self.trainer.is_global_zero:
             return
-        if not self.trainer.loggers:  # e.g. fast_dev_run: score the samples, write nothing outside a run folder
+        if not self.trainer.loggers or self.trainer.log_dir is None:  # fast_dev_run: score, write nothing
             self.report.update({f"eval_{k}": round(v, 4) for k, v in self.samples_and_scores()[2].items()})
             return
         for logger in self.trainer.loggers:
