@@ -27,6 +27,7 @@ normal, ones, ...) would need the random start stored to keep the model at the p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +48,11 @@ class LoLDUConfig(AdapterConfig):
     """Also train ``σ`` (the paper); the official code trains ``z`` only."""
     dropout: float = 0.0
     """Dropout probability on the adapter branch's input."""
+    normalize: Literal["row_norm", "unit_diagonal"] = "row_norm"
+    """How ``D`` is taken out of LU's ``U``: ``unit_diagonal`` = the official code (``D`` = the pivots, ``U`` with a
+    unit diagonal; a tiny pivot makes a row of ``U`` huge, so a step on its ``z`` is amplified by ``1 / |pivot|``);
+    ``row_norm`` (default) = ``D`` = the signed row norms of LU's ``U``, ``U`` with unit-norm rows: the same ``W``,
+    the same trainable count, and a step of ``z`` moves ``ΔW`` by at most ``σ ‖L_i‖``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,13 +60,17 @@ class LoLDUConfig(AdapterConfig):
             raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.normalize not in ("row_norm", "unit_diagonal"):
+            raise ValueError(f"normalize must be 'row_norm' or 'unit_diagonal', got {self.normalize!r}")
 
 
-def ldu(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def ldu(weight: Tensor, normalize: str = "unit_diagonal") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(perm, L, D, U)`` in float64 with ``W[i] == (L diag(D) U)[perm[i]]`` row by row, i.e. ``W = P L diag(D) U``.
 
-    ``L`` is unit lower triangular (``out x k``), ``U`` unit upper triangular (``k x in``), ``k = min(out, in)``; the
-    permutation comes from LAPACK's pivots as an index, never as a dense matrix.
+    ``L`` is unit lower triangular (``out x k``), ``U`` upper triangular (``k x in``), ``k = min(out, in)``; the
+    permutation comes from LAPACK's pivots as an index, never as a dense matrix. ``normalize``: ``unit_diagonal``
+    (``D`` = the pivots, ``U`` with a unit diagonal) or ``row_norm`` (``D`` = LU's ``U`` row norms with the pivot's
+    sign, ``U`` with unit-norm rows).
     """
     w = weight.detach().to(device="cpu", dtype=torch.float64)
     lu, pivots = torch.linalg.lu_factor(w)
@@ -71,8 +81,11 @@ def ldu(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             order[[i, j]] = order[[j, i]]
     perm = torch.empty_like(order)
     perm[order] = torch.arange(w.shape[0])  # W[order[i]] = (L U)[i]  <=>  W[m] = (L U)[perm[m]]
-    d = torch.diagonal(upper).clone()
-    safe = torch.where(d == 0, torch.ones_like(d), d)  # a zero pivot (singular W): keep that row of U unscaled
+    if normalize == "row_norm":
+        d = upper.norm(dim=1) * torch.where(torch.diagonal(upper) < 0, -1.0, 1.0)
+    else:
+        d = torch.diagonal(upper).clone()
+    safe = torch.where(d == 0, torch.ones_like(d), d)  # a zero pivot / row (singular W): keep that row of U unscaled
     return perm, lower, d, upper / safe[:, None]
 
 
@@ -86,12 +99,12 @@ class LoLDU(Adapter):
         super().__init__(weight, config, **context)
         kw = {"dtype": weight.dtype, "device": weight.device}
         r = self.r = min(config.r, self.out_features, self.in_features)
-        perm, lower, d, upper = ldu(weight)
+        perm, lower, d, upper = ldu(weight, config.normalize)
         self.register_buffer("ldu_perm", perm.to(weight.device), persistent=False)
         self.register_buffer("ldu_L", lower[:, :r].to(**kw), persistent=False)
         self.register_buffer("ldu_U", upper[:r].to(**kw), persistent=False)
         self.register_buffer("ldu_z0", d[:r].to(**kw), persistent=False)
-        self.sigma0 = config.alpha / r
+        self.sigma0, self.normalize = config.alpha / r, config.normalize
         self.register_buffer("ldu_sigma0", torch.tensor(self.sigma0, **kw), persistent=False)
         self.lora_z = nn.Parameter(d[:r].to(**kw))
         self.lora_sigma = nn.Parameter(self.ldu_sigma0.clone()) if config.train_scale else None
@@ -106,4 +119,4 @@ class LoLDU(Adapter):
         return diag[:, None] * self.ldu_U, self.ldu_L[self.ldu_perm]
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, sigma0={self.sigma0:.4g}, " + super().extra_repr()
+        return f"r={self.r}, sigma0={self.sigma0:.4g}, normalize={self.normalize}, " + super().extra_repr()

@@ -49,8 +49,12 @@ class NLoRAConfig(LoRAConfig):
     mode: Literal["slora", "nlora", "inttune"] = "nlora"
     """``slora``: LoRA init plus a kaiming core, all trained; ``nlora``: Nyström init, all trained; ``inttune``:
     Nyström init, only the core ``N`` trains."""
-    core: Literal["pinv", "raw"] = "pinv"
-    """Nyström core: ``pinv`` = ``W[I, J]^+`` (the Nyström approximation); ``raw`` = ``W[I, J]`` (the official code)."""
+    core: Literal["pinv", "raw"] = "raw"
+    """Nyström core: ``raw`` = ``W[I, J]`` (the official code, the default); ``pinv`` = ``W[I, J]^+`` (the paper's
+    Nyström approximation ``C U^+ R``; ill-conditioned on real weights, see ``rcond``)."""
+    rcond: float = 0.0
+    """``pinv`` core only: singular values of ``W[I, J]`` below ``rcond * σ_max`` are dropped (``0``: the exact
+    pseudo-inverse of the paper). Bounds the core's norm by ``1 / (rcond σ_max)``."""
     select: Literal["first", "norm"] = "first"
     """Rows ``I`` / columns ``J`` of the Nyström init: the first ``r`` (official code) or the ``r`` of largest norm."""
     offset: bool = True
@@ -64,10 +68,15 @@ class NLoRAConfig(LoRAConfig):
             raise ValueError(f"core must be 'pinv' or 'raw', got {self.core!r}")
         if self.select not in ("first", "norm"):
             raise ValueError(f"select must be 'first' or 'norm', got {self.select!r}")
+        if not 0.0 <= self.rcond < 1.0:
+            raise ValueError(f"rcond must be in [0, 1), got {self.rcond!r}")
 
 
-def nystrom_factors(weight: Tensor, r: int, core: str = "pinv", select: str = "first") -> tuple[Tensor, Tensor, Tensor]:
-    """``(A, N, B) = (W[I, :], W[I, J]^+ or W[I, J], W[:, J])`` in float64 (``B N A`` is the Nyström approximation)."""
+def nystrom_factors(
+    weight: Tensor, r: int, core: str = "raw", select: str = "first", rcond: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(A, N, B) = (W[I, :], W[I, J] or W[I, J]^+, W[:, J])`` in float64 (with ``pinv``, ``B N A`` is the Nyström
+    approximation of ``W``); ``rcond``: the pinv's relative cutoff."""
     w = weight.detach().to(device="cpu", dtype=torch.float64)
     if select == "first":
         rows, cols = torch.arange(r), torch.arange(r)
@@ -75,7 +84,11 @@ def nystrom_factors(weight: Tensor, r: int, core: str = "pinv", select: str = "f
         rows = w.norm(dim=1).topk(r).indices.sort().values
         cols = w.norm(dim=0).topk(r).indices.sort().values
     u = w[rows][:, cols]
-    return w[rows].clone(), (torch.linalg.pinv(u) if core == "pinv" else u.clone()), w[:, cols].clone()
+    if core == "raw":
+        n = u.clone()
+    else:  # rcond = 0: torch's default cutoff (eps * r, relative), i.e. the exact pseudo-inverse of the paper
+        n = torch.linalg.pinv(u, rtol=rcond) if rcond > 0 else torch.linalg.pinv(u)
+    return w[rows].clone(), n, w[:, cols].clone()
 
 
 @register_adapter("nlora")
@@ -101,7 +114,8 @@ class NLoRA(Adapter):
             if r > min(self.out_features, self.in_features):
                 raise ValueError(f"the Nyström init needs r={r} <= min(out, in) of the "
                                  f"{self.out_features}x{self.in_features} weight")
-            a0, n0, b0 = (t.to(**kw) for t in nystrom_factors(weight, r, config.core, config.select))
+            a0, n0, b0 = (t.to(**kw) for t in nystrom_factors(weight, r, config.core, config.select,
+                                                                          config.rcond))
             self.lora_N = nn.Parameter(n0.clone())
             if config.mode == "nlora":
                 self.lora_A = nn.Parameter(a0.clone())
