@@ -30,7 +30,7 @@ def test_ldu_factors_and_permutation_index(shape):
 def test_update_equals_the_official_reparametrised_weight(train_scale):
     torch.manual_seed(0)
     w = torch.randn(10, 6)
-    core = LoLDU(w, LoLDUConfig(target="x", r=4, alpha=2.0, train_scale=train_scale))
+    core = LoLDU(w, LoLDUConfig(target="x", r=4, alpha=2.0, train_scale=train_scale, normalize="unit_diagonal"))
     assert core.num_parameters() == 4 + int(train_scale)
     assert torch.equal(core.delta_weight(), torch.zeros(10, 6))
     # no dense permutation matrix is stored: only the index, L_r, U_r, z0 (and the scale) as buffers
@@ -86,3 +86,41 @@ def test_exports_to_peft_with_identical_outputs(toy, tmp_path):
         out = case.run(loaded)
     assert (adapted - unadapted).abs().max() > 1e-2 * unadapted.abs().max()
     torch.testing.assert_close(out, adapted, rtol=1e-5, atol=1e-5 * adapted.abs().max().item())
+
+
+def test_row_norm_factors_reproduce_the_weight():
+    w = torch.randn(12, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    perm, lower, d, upper = ldu(w, "row_norm")
+    _, _, u_ref = torch.linalg.lu(w)
+    torch.testing.assert_close(upper.norm(dim=1), torch.ones(7, dtype=torch.float64))
+    torch.testing.assert_close(d, u_ref.norm(dim=1) * torch.diagonal(u_ref).sign())  # signed row norms of LU's U
+    torch.testing.assert_close(((lower * d) @ upper)[perm], w)
+
+
+def test_a_step_stays_bounded_with_a_tiny_pivot():
+    """Regression (issue 15): with the official unit-diagonal U a tiny LU pivot d_i makes row i of U ~ 1/d_i (1e7 on
+    EfficientNet-Lite0's 1x1 convs, 1e31 on the rank-deficient text projection), so one AdamW step on z_i moved W
+    by ~1e4 |W| here and training collapsed to chance. The default row-norm D keeps the step below LoRA's."""
+    from visadapt.adapters.lora import LoRA, LoRAConfig
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(10, 8, generator=gen)
+    w[:, 1] = 0.5 * w[:, 0] + 1e-6 * torch.randn(10, generator=gen)  # the second pivot is ~1e-6
+    assert ldu(w)[2].abs().min() < 1e-5
+
+    def step(adapter: nn.Module, h: float = 1e-3) -> float:  # |ΔW| / (h |W|) after AdamW's first step (± h)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in adapter.parameters():
+                p.add_(h * torch.sign(torch.randn(p.shape, generator=g)))
+            return (adapter.delta_weight().norm() / (h * w.norm())).item()
+
+    lora = step(LoRA(w, LoRAConfig(target="x", r=8, alpha=8)))
+    default = step(LoLDU(w, LoLDUConfig(target="x", r=8)))
+    official = step(LoLDU(w, LoLDUConfig(target="x", r=8, normalize="unit_diagonal")))
+    assert default < lora and official > 1e3 * lora
+    # the bound: a step of h on every z moves W by at most sigma h sum_i |L_i| (unit-norm rows of U)
+    core = LoLDU(w, LoLDUConfig(target="x", r=8))
+    with torch.no_grad():
+        core.lora_z.add_(1e-3)
+    assert core.delta_weight().norm() <= 1e-3 / 8 * core.ldu_L.norm(dim=0).sum() * 1.0001

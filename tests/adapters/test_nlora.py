@@ -21,22 +21,22 @@ def _layer(seed: int = 0) -> nn.Module:
 def test_nystrom_values_and_official_start():
     model = _layer()
     w = model[0].weight.detach().clone()
-    inject(model, NLoRAConfig(target="0", r=3, alpha=6, offset=False), verbose=False)
+    inject(model, NLoRAConfig(target="0", r=3, alpha=6, offset=False, core="pinv"), verbose=False)
     core = model[0].adapters["default"]
     assert torch.equal(core.lora_A, w[:3]) and torch.equal(core.lora_B, w[:, :3])  # R = W[I, :], C = W[:, J]
     torch.testing.assert_close(core.lora_N, torch.linalg.pinv(w[:3, :3].double()).float())
     # without the offset the model starts at W + s C U^+ R (the official code's start, with the Nyström core)
     torch.testing.assert_close(core.delta_weight(), 2.0 * w[:, :3] @ torch.linalg.pinv(w[:3, :3]) @ w[:3],
                                rtol=1e-4, atol=1e-5)
-    # the official core is W[I, J] itself; "norm" picks the rows / columns of largest norm
-    raw = NLoRA(w, NLoRAConfig(target="x", r=3, core="raw", select="norm"))
+    # the official core (the default) is W[I, J] itself; "norm" picks the rows / columns of largest norm
+    raw = NLoRA(w, NLoRAConfig(target="x", r=3, select="norm"))
     rows, cols = w.norm(dim=1).topk(3).indices.sort().values, w.norm(dim=0).topk(3).indices.sort().values
     assert torch.equal(raw.lora_N, w[rows][:, cols]) and torch.equal(raw.lora_A, w[rows])
 
 
 def test_full_rank_nystrom_reproduces_the_weight():
     w = torch.randn(12, 8)
-    core = NLoRA(w, NLoRAConfig(target="x", r=8, alpha=8, offset=False))  # C U^+ R = W when rank(U) = rank(W)
+    core = NLoRA(w, NLoRAConfig(target="x", r=8, alpha=8, offset=False, core="pinv"))  # C U^+ R = W if rank(U) = rank(W)
     torch.testing.assert_close(core.delta_weight(), w, rtol=1e-4, atol=1e-4)
 
 
@@ -68,7 +68,8 @@ def test_starts_at_the_pretrained_function_and_trains(mode):
     if mode == "inttune":  # only the core moved: ΔW = s B0 (N - N0) A0
         core = model[0].adapters["default"]
         w = base[0].weight.detach()
-        n0 = torch.linalg.pinv(w[:3, :3].double()).float()
+        n0 = w[:3, :3]  # the default core is the official raw W[I, J]
+        assert torch.equal(core.nys_N0, n0)
         torch.testing.assert_close(core.delta_weight(), w[:, :3] @ (core.lora_N.detach() - n0) @ w[:3],
                                    rtol=1e-4, atol=1e-5)
 
@@ -87,7 +88,8 @@ def test_exports_to_peft_with_identical_outputs(toy, tmp_path, mode):
     peft = pytest.importorskip("peft")
     case = toy("vit")
     base = copy.deepcopy(case.model)
-    inject(case.model, NLoRAConfig(target=r"blocks\.\d+\.(attn\.qkv|mlp\.fc2)", r=3, alpha=3, mode=mode), verbose=False)
+    # the raw core (default) makes the products cubic in the small toy weights: a large scale makes them visible
+    inject(case.model, NLoRAConfig(target=r"blocks\.\d+\.(attn\.qkv|mlp\.fc2)", r=3, alpha=300, mode=mode), verbose=False)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in case.model.named_parameters():
@@ -113,3 +115,38 @@ def inject_slora() -> nn.Module:
     model = _layer()
     inject(model, NLoRAConfig(target="0", r=12, mode="slora"), verbose=False)  # no Nyström: any rank
     return model
+
+
+def _sign_step_sensitivity(adapter: nn.Module, weight: torch.Tensor, h: float = 1e-3) -> float:
+    """``|ΔW| / (h |W|)`` after AdamW's first step (every trainable entry moves by ``± h``)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            if p.requires_grad:
+                p.add_(h * torch.sign(torch.randn(p.shape, generator=gen)))
+        return (adapter.delta_weight().norm() / (h * weight.norm())).item()
+
+
+def test_a_step_stays_bounded_on_an_ill_conditioned_core():
+    """Regression (issue 15): the pinv core of a near-singular W[:r, :r] (EfficientNet-Lite0's 1x1 convs reach
+    cond 2e8) turned one AdamW step into ΔW ~ 1e6 |W| and training collapsed to chance. W itself is well conditioned
+    here (cond ~11); only its leading 3 x 3 block is nearly singular (cond ~4e8)."""
+    from visadapt.adapters.lora import LoRA, LoRAConfig
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 12, generator=gen)
+    w[:3, :3] = sum(torch.outer(torch.randn(3, generator=gen), torch.randn(3, generator=gen)) for _ in range(2))
+    w[2, 2] += 1e-6
+    w = 0.1 * w  # the size of real 1x1-conv entries
+    assert torch.linalg.cond(w[:3, :3].double()) > 1e8 and torch.linalg.cond(w) < 20
+    lora = _sign_step_sensitivity(LoRA(w, LoRAConfig(target="x", r=3, alpha=3)), w)
+    default = _sign_step_sensitivity(NLoRA(w, NLoRAConfig(target="x", r=3, alpha=3)), w)  # the official raw core
+    cut = _sign_step_sensitivity(NLoRA(w, NLoRAConfig(target="x", r=3, alpha=3, core="pinv", rcond=1e-2)), w)
+    exact = _sign_step_sensitivity(NLoRA(w, NLoRAConfig(target="x", r=3, alpha=3, core="pinv")), w)
+    assert default < 5 * lora and cut < 5 * lora  # about LoRA's step
+    assert exact > 1e5 * lora  # the paper's exact pseudo-inverse: the amplification the defaults avoid
+    # the cutoff bounds the core: |N| <= 1 / (rcond sigma_max(W[I, J]))
+    core = NLoRA(w, NLoRAConfig(target="x", r=3, core="pinv", rcond=1e-2)).lora_N
+    assert torch.linalg.matrix_norm(core, 2) <= 1.0001 / (1e-2 * torch.linalg.matrix_norm(w[:3, :3], 2))
+    with pytest.raises(ValueError, match="rcond"):
+        NLoRAConfig(target="x", rcond=1.0)
