@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 import visadapt
-from visadapt.adapters import REGULARISERS, SCHEDULES, adapter_layers, variant_name
+from visadapt.adapters import REGULARISERS, SCHEDULES, adapter_layers, is_adapter_param, variant_name
 from visadapt.errors import CorruptFileError, UnsafeCheckpointError
 from visadapt.rng import capture_rng_states, restore_rng_states
 
@@ -279,8 +279,13 @@ class AdapterModule(pl.LightningModule):
                 "the checkpoint as ckpt_path")
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
+    def adapter_buffer_keys(self) -> set[str]:
+        """Persistent adapter buffers (fixed factors set from data, e.g. LoRA-SB's A and B): saved with the trained
+        tensors and loaded when present, but not required, so checkpoints written before them still load."""
+        return {n for n, _ in self.named_buffers() if is_adapter_param(n)} & set(self.state_dict())
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = self.trainable_state_keys()
+        keep = self.trainable_state_keys() | self.adapter_buffer_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["visadapt"] = self.run_record()
         checkpoint["visadapt"]["rng"] = capture_rng_states()
