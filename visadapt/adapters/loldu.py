@@ -24,7 +24,9 @@ The diagonal (``normalize``). The official code takes ``D`` as LU's pivots and `
 ``|U_i| = |row i of LU's U| / |d_i|``: a tiny pivot makes the step huge. On the 69 adapted matrices of
 ``devise_effnet_minilm`` the smallest pivots are 4.6e-8 (``blocks.0.0.conv_pw``), 8e-8 (``blocks.5.3.conv_pwl``) and
 2.5e-32 on the rank-deficient ``text_projection`` (cond 3e17), whose unit-diagonal ``U`` has rows of norm 9e31: one
-AdamW step gave an infinite ``ΔW`` there, and the few-shot task tested at chance (10.0 %) even at lr 1e-4. The default
+step of ``± 1e-4`` on every ``z`` put entries of 5e24 into its ``ΔW``; the class text features' norms then overflow
+float32 in ``F.normalize``, every class embedding becomes zero and the few-shot task tested at exactly chance (10.0 %)
+even at lr 1e-4. The default
 here, ``normalize = "row_norm"``, takes ``D`` as the row norms of LU's ``U`` (with the pivot's sign) and ``U`` with
 unit-norm rows: the same ``W = P L diag(D) U``, the same ``r`` trainable values, and a step ``δ`` of every ``z``
 moves ``W`` by at most ``σ δ Σ_i |L_i|`` (``|L| <= 1`` by partial pivoting). The same step then moves each matrix by
