@@ -165,18 +165,10 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> Callable[[]
 
 def saved_bytes(model: nn.Module, run: Callable[[], None]) -> int:
     """Bytes of the unique non-parameter storages autograd saved for backward while ``run`` ran."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from adapters import saved_activation_bytes  # benchmarks/adapters.py counts them the same way
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    return sum(seen.values())
+    return saved_activation_bytes(model, run)
 
 
 def _tensor_bytes(tensors) -> int:
