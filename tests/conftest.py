@@ -26,3 +26,13 @@ def _restore_cwd():
     cwd = os.getcwd()
     yield
     os.chdir(cwd)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (restored after): the folders that train several small models in one test ask
+    for it, since spin-waiting OpenMP threads slow them down on a 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

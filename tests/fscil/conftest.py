@@ -6,12 +6,8 @@ core makes every small matmul take milliseconds.
 
 import fscil_helpers  # noqa: F401  (registers the fscil_toy dataset)
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test of this folder runs on one torch thread (``one_thread`` in tests/conftest.py)."""

@@ -18,11 +18,8 @@ TRAIN_EPOCHS = 7
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test of this folder runs on one torch thread (``one_thread`` in tests/conftest.py)."""
 
 
 def tiny_datamodule(root: Path, num_images: int = 24, seed: int = 0, batch_size: int = 8):

@@ -17,12 +17,7 @@ BF16_BASE = str(ROOT / "configs" / "speed" / "bf16_base.yaml")
 """The main task runs with the frozen base stored in bf16 as well (a superset of bf16.yaml: autocast plus the cast)."""
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ This module also holds the helpers the other gradient-based companions share (:f
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from torch import Tensor
 from visadapt.adapters import INITIALISERS, adapter_layers, adapter_names, variant_name
 from visadapt.adapters.base import Adapter, AdapterLayer
 from visadapt.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # --- shared helpers ------------------------------------------------------------------------------------------------
 
@@ -328,7 +331,7 @@ class LoraGA(pl.Callback):
             self._restored = False
             return
         if trainer.global_step > 0:  # resumed from a checkpoint written without this companion
-            print("visadapt: LoRA-GA skipped: the fit resumes at step > 0 from a checkpoint without its state")
+            log.warning("visadapt: LoRA-GA skipped: the fit resumes at step > 0 from a checkpoint without its state")
             return
         with forked_rng(pl_module):
             grads = estimate_full_gradients(
@@ -350,9 +353,9 @@ class LoraGA(pl.Callback):
                     offset_base(part, a, b, core.scale)
                 self._init[part.key] = {"A0": a.detach().cpu(), "B0": b.detach().cpu()}
         if trainer.is_global_zero:
-            print(f"visadapt: LoRA-GA initialised {len(parts)} adapter blocks from {self.batches} batches "
-                  f"({self.convention} convention, direction {self.direction}, scale {self.scale}, "
-                  f"offset {'on' if self.offset else 'off'})")
+            log.info(f"visadapt: LoRA-GA initialised {len(parts)} adapter blocks from {self.batches} batches "
+                     f"({self.convention} convention, direction {self.direction}, scale {self.scale}, "
+                     f"offset {'on' if self.offset else 'off'})")
 
     def state_dict(self) -> dict[str, Any]:
         return {"init": self._init, "offset": self.offset}

@@ -22,6 +22,7 @@ head) with the fix.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -40,6 +41,8 @@ from visadapt.methods.companions.lora_ga import (
     training_batches,
     training_loss,
 )
+
+log = logging.getLogger(__name__)
 
 
 def lora_sb_factors(grad: Tensor, r: int, lr: float, lora_scale: float = 1.0, svd: str = "lowrank",
@@ -103,7 +106,7 @@ class LoraSB(pl.Callback):
             self._restored = False
             return
         if trainer.global_step > 0:  # resumed from a checkpoint written without this companion
-            print("visadapt: LoRA-SB skipped: the fit resumes at step > 0 from a checkpoint without its state")
+            log.warning("visadapt: LoRA-SB skipped: the fit resumes at step > 0 from a checkpoint without its state")
             return
         lr = self.lr
         if lr is None:
@@ -128,8 +131,8 @@ class LoraSB(pl.Callback):
                 core.lora_R.copy_(r_core)
             self._init[part.key] = {"A": core.lora_A.detach().cpu().clone(), "B": core.lora_B.detach().cpu().clone()}
         if trainer.is_global_zero:
-            print(f"visadapt: LoRA-SB initialised {len(parts)} adapter blocks from {self.batches} batches "
-                  f"(first-step lr {lr:g}, {self.svd} SVD)")
+            log.info(f"visadapt: LoRA-SB initialised {len(parts)} adapter blocks from {self.batches} batches "
+                     f"(first-step lr {lr:g}, {self.svd} SVD)")
 
     def state_dict(self) -> dict[str, Any]:
         return {"init": self._init}
