@@ -120,3 +120,29 @@ def test_fashion_subject_is_one_two_tone_item():
     assert red.sum() > 20 and blue.sum() > 20
     assert np.nonzero(red)[0].max() <= np.nonzero(blue)[0].min() + 1  # red above the middle, blue below
     np.testing.assert_array_equal(views[1], views[0][:, ::-1])  # view 2 is the mirror image
+
+
+def test_colour_share_counts_the_garment_pixels_in_the_asked_colour():
+    from visadapt.data.captions import COLOURS, colour_share, colourise
+
+    # a 2x4 garment at full ink on white: left half red, right half green; half ink reads as the same paint
+    gray = np.zeros((1, 8, 8), np.uint8)
+    gray[0, 2:6, 0:8] = 255
+    img = ((colourise(gray, np.array([COLOURS["red"]]), pad=0) + 1) * 127.5).round().permute(0, 2, 3, 1)
+    green = ((colourise(gray, np.array([COLOURS["green"]]), pad=0) + 1) * 127.5).round().permute(0, 2, 3, 1)
+    img[:, :, 4:] = green[:, :, 4:]
+    img = img.to(torch.uint8)
+    assert colour_share(img, "red") == 0.5 and colour_share(img, "green") == 0.5 and colour_share(img, "blue") == 0.0
+    # a garment with lighter parts (ink 160 of 255 next to full ink) still reads as one paint
+    shaded = gray.copy()
+    shaded[0, 2:6, 4:] = 160
+    blue = ((colourise(shaded, np.array([COLOURS["blue"]]), pad=0) + 1) * 127.5).round()
+    assert colour_share(blue.permute(0, 2, 3, 1).to(torch.uint8), "blue") == 1.0
+    assert colour_share(torch.full((1, 8, 8, 3), 255, dtype=torch.uint8), "red") == 0.0  # no garment at all
+    with pytest.raises(ValueError, match="unknown colour"):
+        colour_share(img, "teal")
+    # the offline subject: its ink splits between red and blue, none green
+    ds = create_dataset("fashion_subject", count=1)
+    subject = torch.from_numpy(np.asarray(ds.load(0)).copy())[None]
+    red, blue = colour_share(subject, "red"), colour_share(subject, "blue")
+    assert red > 0.25 and blue > 0.25 and red + blue > 0.95 and colour_share(subject, "green") == 0.0

@@ -65,6 +65,10 @@ def test_fit_generate_and_a_resumed_sweep(tmp_path, capsys):
     rows = first["rows"]
     assert [r["alpha"] for r in rows] == [0.0, 0.5, 1.0]
     assert all(-1 <= r["clip_t"] <= 1 and -1 <= r["clip_i"] <= 1 for r in rows)
+    # the task's colour match: scored for "a red sks cube", not counted for "a sks cube" (no colour named)
+    assert all(0 <= r["colour_match"] <= 1 and r["per_prompt"][1]["colour_match"] is None for r in rows)
+    assert all(r["colour_match"] == r["per_prompt"][0]["colour_match"] for r in rows)
+    assert first["text_axis"] == "colour_match" and "colour match" in (out / "table.md").read_text()
 
     # interrupt: one cell lost, one left half-written (a temporary file), the rest finished
     stamps = {c.name: c.stat().st_mtime_ns for c in cells}

@@ -244,6 +244,12 @@ class DecorEvalConfig:
     """Registered image encoder for the DINO score (e.g. a local DINOv2 ViT-L/14); ``None`` = no DINO column."""
     dino_backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     """Its builder's keyword arguments."""
+    colour_match: bool = False
+    """Also score **colour match**, a text-alignment check for visadapt's tiny Fashion-MNIST base model: the share of
+    the garment's pixels painted in the colour the prompt names (:func:`visadapt.data.captions.colour_share`; prompts
+    naming none of its eight colours are not counted). The offline DeViSE CLIP-T is nearly blind to colour words."""
+    text_axis: Literal["clip_t", "colour_match"] = "clip_t"
+    """The text-alignment score on the Pareto plot's y axis and in its front (``colour_match`` needs the flag)."""
 
     def __post_init__(self) -> None:
         for a in self.alphas:

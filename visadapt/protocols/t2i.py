@@ -276,6 +276,7 @@ class Scorer:
         self.ref_clip = self.image_features(references)
         self.ref_dino = self.dino_features(references) if self.dino is not None else None
         self.identifier = ev.identifier
+        self.colour_match = ev.colour_match
 
     @torch.no_grad()
     def image_features(self, images: list[Image.Image]) -> torch.Tensor:
@@ -301,6 +302,12 @@ class Scorer:
         out = {"clip_t": clip_t(feats, self.text_features(prompt)), "clip_i": clip_i(feats, self.ref_clip)}
         if self.dino is not None:
             out["dino"] = dino_score(self.dino_features(pil), self.ref_dino)
+        if self.colour_match:
+            from visadapt.data.captions import COLOURS, colour_share
+
+            named = [w for w in self.text_prompt(prompt).lower().split() if w in COLOURS]
+            out["colour_match"] = (colour_share(torch.from_numpy(np.ascontiguousarray(images)), named[0])
+                                   if len(named) == 1 else None)  # no (or an ambiguous) colour: not counted
         return out
 
 
@@ -314,6 +321,12 @@ def reference_images(cfg: dict[str, Any]) -> list[Image.Image]:
         kwargs["root"] = data["root"]
     ds = DATASETS.get(data.get("dataset", "dreambooth"))(**kwargs)
     return [ds.load(i) for i in range(len(ds))]
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """Mean over the prompts that have the score (colour match is None for a prompt naming no colour)."""
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
 
 
 def _cell_name(alpha: float, prompt_index: int) -> str:
@@ -334,29 +347,34 @@ def _load_cell(path: Path) -> tuple[np.ndarray, dict[str, float]] | None:
         return None
 
 
-def sweep_table(rows: list[dict[str, Any]], metric_name: str, has_dino: bool) -> str:
-    """Markdown table of the per-alpha means."""
-    head = "| alpha | CLIP-T | CLIP-I |" + (" DINO |" if has_dino else "") + " Pareto |"
+def sweep_table(rows: list[dict[str, Any]], metric_name: str, has_dino: bool, text_axis: str = "clip_t") -> str:
+    """Markdown table of the per-alpha means; the Pareto front is taken over (CLIP-I, ``text_axis``)."""
+    has_colour = "colour_match" in rows[0]
+    head = ("| alpha | CLIP-T | CLIP-I |" + (" DINO |" if has_dino else "") + (" colour match |" if has_colour else "")
+            + " Pareto |")
     lines = [f"Metric model: {metric_name}" + (" (the offline DeViSE preset, not CLIP)" if "devise" in metric_name
                                                else ""), "", head, "|---" * (head.count("|") - 1) + "|"]
-    front = set(pareto_front([(r["clip_i"], r["clip_t"]) for r in rows]))
+    front = set(pareto_front([(r["clip_i"], r[text_axis]) for r in rows]))
     for i, r in enumerate(rows):
         cells = [f"{r['alpha']:g}", f"{r['clip_t']:.4f}", f"{r['clip_i']:.4f}"]
         if has_dino:
             cells.append(f"{r['dino']:.4f}")
+        if has_colour:
+            cells.append("–" if r["colour_match"] is None else f"{r['colour_match']:.3f}")
         cells.append("yes" if i in front else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def pareto_plot(rows: list[dict[str, Any]], path: Path, metric_name: str, title: str = "DECOR alpha sweep") -> None:
-    """CLIP-T against CLIP-I, one labelled point per alpha, the Pareto front joined."""
+def pareto_plot(rows: list[dict[str, Any]], path: Path, metric_name: str, title: str = "DECOR alpha sweep",
+                text_axis: str = "clip_t") -> None:
+    """Text alignment (``text_axis``) against CLIP-I, one labelled point per alpha, the Pareto front marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs, ys = [r["clip_i"] for r in rows], [r["clip_t"] for r in rows]
+    xs, ys = [r["clip_i"] for r in rows], [r[text_axis] for r in rows]
     fig, ax = plt.subplots(figsize=(4.6, 3.6), dpi=110)
     ax.plot(xs, ys, "o-", color="#4477aa", alpha=0.5, label="alpha 0 → 1")
     front = sorted(pareto_front(list(zip(xs, ys))), key=lambda i: xs[i])
@@ -365,7 +383,8 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, metric_name: str, title:
     for r, x, y in zip(rows, xs, ys):
         ax.annotate(f"α={r['alpha']:g}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel("image alignment CLIP-I (to the references)")
-    ax.set_ylabel("text alignment CLIP-T")
+    ax.set_ylabel("text alignment CLIP-T" if text_axis == "clip_t"
+                  else "text alignment: colour match (share of garment in the prompted colour)", fontsize=8)
     ax.set_title(f"{title}\n(metric model: {metric_name.split(':')[0]})", fontsize=9)
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
@@ -445,19 +464,23 @@ def t2i_sweep(task: str | list[str], ckpt: str | None = None, out: str | None = 
     rows = []
     for a in alphas:
         per = [cells[(a, i)][1] for i in range(len(prompts))]
-        row = {"alpha": a, **{k: float(np.mean([p[k] for p in per])) for k in per[0]}}
+        row = {"alpha": a, **{k: _mean([p[k] for p in per]) for k in per[0]}}
         row["per_prompt"] = per
         rows.append(row)
     has_dino = "dino" in rows[0]
-    table = sweep_table(rows, scorer.metric_name, has_dino)
+    if any(r.get(ev.text_axis) is None for r in rows):
+        raise UserError(f"evaluation.text_axis {ev.text_axis!r} is not scored: set evaluation.colour_match: true, and "
+                        "let at least one prompt name a colour")
+    table = sweep_table(rows, scorer.metric_name, has_dino, ev.text_axis)
     (out_dir / "table.md").write_text(table)
     result = {"task": task if isinstance(task, str) else list(task), **meta, "metric_model": scorer.metric_name,
               "prompts": prompts,
-              "rows": rows, "pareto": [rows[i]["alpha"] for i in pareto_front([(r["clip_i"], r["clip_t"])
+              "rows": rows, "text_axis": ev.text_axis,
+              "pareto": [rows[i]["alpha"] for i in pareto_front([(r["clip_i"], r[ev.text_axis])
                                                                                 for r in rows])],
               "reused_cells": reused}
     (out_dir / "table.json").write_text(json.dumps(result, indent=1))
-    pareto_plot(rows, out_dir / "pareto.png", scorer.metric_name)
+    pareto_plot(rows, out_dir / "pareto.png", scorer.metric_name, text_axis=ev.text_axis)
     grid = np.stack([np.stack([cells[(a, i)][0][0] for i in range(len(prompts))]) for a in alphas])
     _atomic_save_image(image_grid(grid, _scale_for(grid.shape[2])), out_dir / "grid.png")
     (out_dir / "grid.txt").write_text(f"rows: alpha {alphas}\ncolumns: prompts (seed {seeds[0]})\n"
