@@ -223,3 +223,10 @@ def test_configure_optimizers_applies_the_layer_decay_to_the_rates():
     base = opt.defaults["lr"]
     assert {round(g["lr"] / base, 9) for g in opt.param_groups} == {round(g["lr_scale"], 9) for g in opt.param_groups}
     assert min(g["lr"] for g in opt.param_groups) == pytest.approx(base * 0.7 ** 5)
+
+
+def test_tiny_backbone_patch_size_sets_the_token_grids():
+    m = LoRAT(backbone="tiny_tracking_vit", backbone_kwargs={"patch_size": 4}, template_size=32, search_size=64)
+    assert (m.x_grid, m.z_grid) == (16, 8)
+    scores, boxes = m(torch.zeros(2, 3, 32, 32), torch.zeros(2, 3, 64, 64), torch.tensor([[0.25, 0.25, 0.75, 0.75]] * 2))
+    assert scores.shape == (2, 16, 16) and boxes.shape == (2, 16, 16, 4)

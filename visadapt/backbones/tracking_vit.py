@@ -177,7 +177,7 @@ def sincos_position_grid(height: int, width: int, dim: int) -> torch.Tensor:
 
 @register_backbone("tiny_tracking_vit")
 def tiny_tracking_vit_backbone(pretrained: str | None = None, seed: int | None = 0, depth: int = 4,
-                               embed_dim: int = 64, position_init: str = "sincos") -> Backbone:
+                               embed_dim: int = 64, position_init: str = "sincos", patch_size: int = 8) -> Backbone:
     """A small random ViT for the offline tracking task and tests (:data:`TINY_TRACKING_VIT_ARGS`).
 
     Args:
@@ -185,13 +185,14 @@ def tiny_tracking_vit_backbone(pretrained: str | None = None, seed: int | None =
         seed: Seed of the random weights (``None``: the global random state).
         depth: Number of blocks.
         embed_dim: Width (4 heads).
+        patch_size: Patch side in pixels (8: a 64-px search crop is an 8 x 8 token grid).
         position_init: ``sincos``: the position grid is a fixed 2-D sine-cosine grid, a stand-in for a pretrained
             grid (DINOv2's learned grid is smooth and carries position; timm's random std-0.02 init carries almost
             none, and LoRAT keeps the grid frozen); ``random``: timm's init. Ignored when ``pretrained`` is given.
     """
     if position_init not in ("sincos", "random"):
         raise ValueError(f"position_init must be 'sincos' or 'random', got {position_init!r}")
-    args = {**TINY_TRACKING_VIT_ARGS, "depth": depth, "embed_dim": embed_dim}
+    args = {**TINY_TRACKING_VIT_ARGS, "depth": depth, "embed_dim": embed_dim, "patch_size": patch_size}
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
