@@ -135,14 +135,14 @@ def test_shipped_base_follows_class_and_colour_prompts():
     prompts = [f"a photo of a {c} {CLASS_WORDS[k]}" for k, c in zip(classes, colours)]
     seeds = [0, 1, 2]
     enc = model.encode_prompt(prompts)["prompt_embeds"].repeat_interleave(len(seeds), 0)
-    images = model.sample(enc, seeds=seeds * len(prompts), steps=10, guidance_scale=3.0)
+    images = model.sample(enc, seeds=seeds * len(prompts), steps=10, guidance_scale=1.5)
     labels = [k for k in classes for _ in seeds]
     scores = score_samples(images, labels, [c for c in colours for _ in seeds], fashion_class_means(per_class=50))
     assert scores["class_agreement"] >= CLASS_AGREEMENT_MIN, scores  # chance: 0.1
     assert scores["colour_agreement"] >= COLOUR_AGREEMENT_MIN, scores  # chance: 0.125
     # same seeds, two class prompts: the images differ, and each is nearer its own class mean
     pair = model.encode_prompt(["a photo of a black trousers", "a photo of a black bag"])["prompt_embeds"]
-    a, b = model.sample(pair, seeds=[7, 7], steps=10, guidance_scale=3.0)
+    a, b = model.sample(pair, seeds=[7, 7], steps=10, guidance_scale=1.5)
     assert (a.float() - b.float()).abs().mean() > 10
 
 

@@ -89,7 +89,7 @@ class TextToImageBase(AdapterModule):
 
     def __init__(self, backbone: str = "visadapt_t2i_base", backbone_kwargs: PlainKwargs | None = None,
                  ema_decay: float = 0.995, ema_warmup: int = 10, eval_seeds: int = 4, eval_steps: int = 25,
-                 guidance_scale: float = 3.0, eval_colours: list[str] | None = None,
+                 guidance_scale: float = 1.5, eval_colours: list[str] | None = None,
                  template: str = "a photo of a {}", export_dtype: str = "float16",
                  optimizer: OptimizerCallable = torch.optim.AdamW, lr_scheduler: LRSchedulerCallable | None = None,
                  schedule: str = "cosine", warmup_steps: int = 100, min_lr: float = 1e-5) -> None:
@@ -256,7 +256,7 @@ class TextToImageBase(AdapterModule):
         plt.close(fig)
         if every_step:
             self._loss_plot(log_dir / "loss.png")
-        meta = {"version": "v1", "identity": "visadapt_t2i_base:v1", "trained_steps": steps,
+        meta = {"version": "v2", "identity": "visadapt_t2i_base:v2", "trained_steps": steps,
                 "train_seconds": self.report.get("train_seconds"), "batch_size": batch_size,
                 "ema_decay": self.ema_decay, "data": "colourised Fashion-MNIST train (fashion_mnist_captions)",
                 "eval": self.report["eval"]}
