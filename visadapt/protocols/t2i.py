@@ -383,8 +383,7 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, metric_name: str, title:
     for r, x, y in zip(rows, xs, ys):
         ax.annotate(f"α={r['alpha']:g}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel("image alignment CLIP-I (to the references)")
-    ax.set_ylabel("text alignment CLIP-T" if text_axis == "clip_t"
-                  else "text alignment: colour match (share of garment in the prompted colour)", fontsize=8)
+    ax.set_ylabel("text alignment CLIP-T" if text_axis == "clip_t" else "text alignment: colour match")
     ax.set_title(f"{title}\n(metric model: {metric_name.split(':')[0]})", fontsize=9)
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
