@@ -85,6 +85,16 @@ def test_fit_generate_and_a_resumed_sweep(tmp_path, capsys):
     # so the table is unchanged
     assert json.loads((out / "table.json").read_text())["rows"] == json.loads(json.dumps(first["rows"]))
 
+    # a cell written by a sweep without the colour match is rescored, not regenerated
+    assert cells[2].name == "a0.500_p000.npz"  # "a red sks cube" at alpha 0.5: a colour match to recompute
+    with np.load(cells[2]) as z:
+        images, meta = z["images"].copy(), str(z["meta"])
+    scores = json.loads(json.dumps(first["rows"][1]["per_prompt"][0]))
+    assert scores.pop("colour_match") is not None
+    np.savez(cells[2], images=images, scores=json.dumps(scores), meta=meta)
+    third = cli_main(["t2i_sweep", "-c", str(task), "--out", str(out)])
+    assert third["reused_cells"] == len(cells) and third["rows"] == first["rows"]
+
 
 def test_generate_needs_undesired_for_alpha_and_a_lora(tmp_path):
     task = _task(tmp_path)

@@ -450,6 +450,9 @@ def t2i_sweep(task: str | list[str], ckpt: str | None = None, out: str | None = 
         cell_meta = {**meta, "alpha": a, "prompt": prompts[i]}
         loaded = _load_cell(path) if path.is_file() else None
         if loaded is not None:
+            if ev.colour_match and "colour_match" not in loaded[1]:  # a cell from a sweep without the flag
+                loaded = (loaded[0], scorer.score(loaded[0], prompts[i]))  # rescore its images, keep them
+                _save_cell(path, loaded[0], loaded[1], cell_meta)
             cells[(a, i)] = loaded
             reused += 1
             continue
