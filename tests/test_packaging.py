@@ -1,4 +1,5 @@
-"""What a wheel ships: the task YAMLs and config fragments (identical to the repository's), the runtime dependencies.
+"""What a wheel ships: the task YAMLs and config fragments (identical to the repository's), the trained t2i base
+model, the runtime dependencies.
 
 The wheel is built from a copy of the sources in a temporary folder (``pip wheel --no-deps --no-build-isolation``,
 offline), then ``python -m visadapt list tasks`` runs from the unpacked wheel in a folder that is not a checkout.
@@ -29,6 +30,9 @@ def wheel(tmp_path_factory) -> Path:
             shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "assets"))
         else:
             shutil.copy2(path, src / name)
+    # the checkout's visadapt/assets is left out above (stale copies of tasks/ and configs/ must not leak in); the
+    # trained t2i base that lives there is shipped as a package file, so copy it back
+    shutil.copytree(ROOT / "visadapt" / "assets" / "t2i_base", src / "visadapt" / "assets" / "t2i_base")
     out = tmp_path_factory.mktemp("wheel")
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                            "-q", "-w", str(out), str(src)], capture_output=True, text=True, check=False,
@@ -50,6 +54,9 @@ def test_wheel_ships_tasks_and_configs_identical_to_the_repository(wheel):
             for rel in expected:
                 assert zf.read(f"visadapt/assets/{kind}/{rel}") == (ROOT / kind / rel).read_bytes(), rel
         assert "visadapt/py.typed" in names and "visadapt/resources.py" in names
+        for rel in ("t2i_base.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"):
+            path = ROOT / "visadapt" / "assets" / "t2i_base" / rel
+            assert zf.read(f"visadapt/assets/t2i_base/{rel}") == path.read_bytes(), rel  # the shipped base model
 
 
 @pytest.mark.slow
