@@ -51,6 +51,8 @@ def test_shipped_task_fast_dev_run_with_a_tiny_backbone(tmp_path):
                     f"--trainer.default_root_dir={tmp_path}"])
     assert cli.trainer.global_step == 1
     ev = cli.model.evaluation
-    assert ev.undesired == ["red", "blue"] and ev.alphas == [0.0, 0.25, 0.5, 0.75, 1.0]
+    # DECOR's undesired vectors are the instance prompt's word rows; the plot's text axis is the colour match
+    assert ev.undesired == ["a photo of a sks sneaker"] and ev.alphas == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert ev.colour_match and ev.text_axis == "colour_match" and ev.guidance_scale == 1.5
     assert cli.datamodule.train_set.instance.classnames == ["sneaker"]
     assert cli.datamodule.preprocess.image_size == 16  # linked from the model (tiny_sd draws 16x16 images)
