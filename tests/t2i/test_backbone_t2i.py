@@ -169,3 +169,22 @@ def test_t2i_base_task_trains_exports_and_reloads(tmp_path):
     for k, v in reloaded.unet.state_dict().items():  # exported in float16: the EMA weights to fp16 precision
         torch.testing.assert_close(v, ema[k].half().float(), rtol=0, atol=0)
     assert (out.parent / "samples.png").is_file() and (out.parent / "loss.png").is_file()
+
+
+def test_base_exports_record_their_prediction_type_and_load_with_it(tmp_path):
+    from visadapt.backbones.t2i import T2I_BASE_META, save_t2i_base
+
+    for kind in ("sample", "epsilon"):
+        built = build_backbone("visadapt_t2i_base", pretrained=False, seed=0, prediction_type=kind).model
+        assert built.prediction_type == kind
+        folder = save_t2i_base(built, tmp_path / kind, {"version": "test"})
+        assert json.loads((folder / T2I_BASE_META).read_text())["scheduler"]["prediction_type"] == kind
+        loaded = build_backbone("visadapt_t2i_base", model_dir=str(folder)).model
+        assert loaded.prediction_type == kind and loaded.sample_scheduler.config.prediction_type == kind
+    # a folder from before the json recorded a scheduler is an epsilon model
+    meta = json.loads((tmp_path / "sample" / T2I_BASE_META).read_text())
+    del meta["scheduler"]
+    (tmp_path / "sample" / T2I_BASE_META).write_text(json.dumps(meta))
+    assert build_backbone("visadapt_t2i_base", model_dir=str(tmp_path / "sample")).model.prediction_type == "epsilon"
+    with pytest.raises(ValueError, match="prediction_type"):
+        build_backbone("visadapt_t2i_base", pretrained=False, prediction_type="x0")
