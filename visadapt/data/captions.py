@@ -207,7 +207,6 @@ def score_samples(images: torch.Tensor, labels: list[int], colours: list[str] | 
     out = {"class_agreement": float((pred == torch.as_tensor(labels)).float().mean())}
     if colours is not None and any(colours):
         names = list(COLOURS)
-        table = torch.tensor([COLOURS[n] for n in names], dtype=torch.float32) / 255.0
         hits = []
         for img, k, colour in zip(x, ink, colours):
             if not colour:
@@ -215,10 +214,17 @@ def score_samples(images: torch.Tensor, labels: list[int], colours: list[str] | 
             m = k > 0.5
             rgb = (img[:, m].mean(1) + 1) / 2 if m.any() else torch.ones(3)
             level = k[m].mean() if m.any() else torch.tensor(1.0)
-            paint = 1 - (1 - rgb) / level.clamp(min=1e-3)  # undo 1 - g (1 - c) at the mean ink level g
-            hits.append(names[int(torch.cdist(paint[None], table).argmin())] == colour)
+            hits.append(names[int(_nearest_colour(rgb[None], level[None]))] == colour)  # at the mean ink level
         out["colour_agreement"] = float(np.mean(hits))
     return out
+
+
+def _nearest_colour(rgb: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """Index in :data:`COLOURS` of the paint that explains ``rgb`` (P, 3) in [0, 1] at ink ``level`` (P,): undo
+    ``1 - g (1 - c)`` and take the nearest of the eight colours."""
+    table = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255.0
+    paint = 1 - (1 - rgb) / level[:, None].clamp(min=1e-3)
+    return torch.cdist(paint, table).argmin(1)
 
 
 def colour_share(images: torch.Tensor, colour: str, ink_threshold: float = 0.5) -> float:
@@ -232,18 +238,11 @@ def colour_share(images: torch.Tensor, colour: str, ink_threshold: float = 0.5) 
     """
     if colour not in COLOURS:
         raise ValueError(f"unknown colour {colour!r}; expected one of {list(COLOURS)}")
-    names = list(COLOURS)
-    table = torch.tensor([COLOURS[n] for n in names], dtype=torch.float32) / 255.0
-    target = names.index(colour)
+    target = list(COLOURS).index(colour)
     x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    ink = ink_level(x)
     shares = []
-    for img, k in zip(x, ink):
+    for img, k in zip(x, ink_level(x)):
         m = k > ink_threshold
-        if not m.any():
-            shares.append(0.0)
-            continue
-        rgb = ((img[:, m] + 1) / 2).T  # (P, 3) in [0, 1]
-        paint = 1 - (1 - rgb) / k[m, None].clamp(min=1e-3)
-        shares.append(float((torch.cdist(paint, table).argmin(1) == target).float().mean()))
+        hit = _nearest_colour(((img[:, m] + 1) / 2).T, k[m]) == target  # per garment pixel
+        shares.append(float(hit.float().mean()) if m.any() else 0.0)
     return float(np.mean(shares))
